@@ -1,0 +1,162 @@
+"""Read a diffusers-format checkpoint folder: check it, detect its model family, load its modules.
+
+Every problem a user can cause (missing folder, not a diffusers SD folder, corrupt weights, unsupported
+family) becomes one `UserError` line before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdrt.runtime.errors import UserError
+from sdrt.runtime.manifest import SUPPORTED_FAMILIES
+
+REQUIRED_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# The shipped demo model: `--checkpoint demo` resolves here when no folder of that name exists.
+DEMO_NAME = "demo"
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    family: str
+    model_index: dict
+    unet_config: dict
+    vae_config: dict
+
+
+def resolve_path(arg: str | Path) -> Path:
+    path = Path(arg)
+    if not path.exists() and str(arg) == DEMO_NAME and DEMO_DIR.is_dir():
+        return DEMO_DIR
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def detect_family(model_index: dict, unet_config: dict) -> str:
+    """Name the model family from the configs alone (research/lora_taiyi_schedulers.md §2.c)."""
+    pipeline = model_index.get("_class_name", "")
+    text_encoder = (model_index.get("text_encoder") or [None, None])[1]
+    if "text_encoder_2" in model_index or unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if pipeline.startswith(("StableDiffusion3", "Flux")) or "transformer" in model_index:
+        return pipeline.replace("Pipeline", "").lower() or "dit"
+    if text_encoder == "BertModel":
+        return "taiyi"
+    if unet_config.get("in_channels", 4) != 4:
+        return "sd-inpaint"
+    if unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") == 1024:
+        return "sd2"
+    if text_encoder == "CLIPTextModel" and pipeline.startswith("StableDiffusion"):
+        return "sd1"
+    return f"unknown ({pipeline or 'no pipeline class'})"
+
+
+def check_weights(folder: Path) -> list[Path]:
+    """Every weight file of a component folder; a truncated or corrupt safetensors file is refused."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise UserError(f"{folder} has no weights (*.safetensors or *.bin)")
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), "pt") as st:
+                    st.keys()
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"corrupt safetensors file {f}: {e}") from None
+    return files
+
+
+def open_checkpoint(arg: str | Path) -> Checkpoint:
+    """Check the folder layout, the weights and the family; load nothing heavy."""
+    path = resolve_path(arg)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {arg}")
+    if not path.is_dir():
+        raise UserError(f"{arg} is not a folder; sdrt export reads a diffusers-format checkpoint folder")
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
+        raise UserError(f"{arg} is not a diffusers Stable Diffusion checkpoint (no model_index.json)")
+    model_index = _read_json(index_path)
+    unet_config = _read_json(path / "unet" / "config.json") if (path / "unet" / "config.json").is_file() else {}
+    family = detect_family(model_index, unet_config)
+    if family not in SUPPORTED_FAMILIES:
+        raise UserError(
+            f"unsupported model family '{family}' in {arg} (supported: {', '.join(SUPPORTED_FAMILIES)})"
+        )
+    missing = [p for p in REQUIRED_PARTS if not (path / p).is_dir()]
+    if missing:
+        raise UserError(f"{arg} is not a complete diffusers SD checkpoint: missing {', '.join(missing)}/")
+    for part in ("text_encoder", "unet", "vae"):
+        check_weights(path / part)
+    vae_config = _read_json(path / "vae" / "config.json")
+    return Checkpoint(path=path, family=family, model_index=model_index, unet_config=unet_config,
+                      vae_config=vae_config)
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over every file's relative path and bytes: the same folder always gives the same value."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """diffusers/transformers log a progress bar and advice per module; sdrt prints its own progress."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, level in zip((dlog, tlog), levels):
+            lib.set_verbosity(level)
+            lib.enable_progress_bar()
+
+
+def load_modules(ckpt: Checkpoint) -> dict:
+    """The torch modules and the tokenizer/scheduler objects, fp32, in eval mode."""
+    import diffusers
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    p = ckpt.path
+    try:
+        with _quiet_loading():
+            scheduler_cls = getattr(diffusers, ckpt.model_index["scheduler"][1])
+            modules = dict(
+                text_encoder=CLIPTextModel.from_pretrained(p / "text_encoder", torch_dtype=torch.float32),
+                unet=diffusers.UNet2DConditionModel.from_pretrained(p / "unet", torch_dtype=torch.float32),
+                vae=diffusers.AutoencoderKL.from_pretrained(p / "vae", torch_dtype=torch.float32),
+                tokenizer=CLIPTokenizer.from_pretrained(p / "tokenizer"),
+                scheduler=scheduler_cls.from_pretrained(p / "scheduler"),
+            )
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"cannot load {p}: {first}") from None
+    for name in ("text_encoder", "unet", "vae"):
+        modules[name].eval().requires_grad_(False)
+    return modules

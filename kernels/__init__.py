@@ -1,0 +1,1 @@
+"""Graph passes and their numpy references (fused or memory-bounded ops)."""

@@ -1,0 +1,107 @@
+"""`sdrt` command line: parse, then call one library function.
+
+`sdrt export` imports the torch-side exporter only when it runs, so every other subcommand starts without
+torch. User errors print one line and exit with code 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from .errors import UserError
+from .manifest import COMPONENTS
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a Stable Diffusion checkpoint to an engine dir",
+        description="Trace a diffusers-format SD 1.x checkpoint to ONNX (opset 23, fused Attention), validate "
+        "every graph against torch in ONNX Runtime, and write an engine dir with manifest.json. The dir "
+        "appears only when the export succeeds.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="diffusers checkpoint folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/, "
+                   "scheduler/), or 'demo' for the model shipped with sdrt")
+    p.add_argument("--out", required=True, type=Path, metavar="ENGINE_DIR", help="engine dir to create")
+    p.add_argument("--overwrite", action="store_true", help="replace ENGINE_DIR if it exists")
+    p.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS), metavar="NAME",
+                   help=f"components to export, from: {', '.join(COMPONENTS)}")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    try:
+        from sdrt.export.exporter import ExportOptions, export
+    except ImportError as e:
+        raise UserError(f"sdrt export needs the export extra ({e.name} is missing): pip install 'sdrt[export]'")
+    export(ExportOptions(checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite,
+                         components=tuple(args.components)))
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="print an engine dir's manifest as a table",
+        description="Show the components of an engine dir: I/O shapes, axis ranges, files, sizes on disk, "
+        "op counts and validation errors.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR", help="engine dir written by sdrt export")
+    p.add_argument("--json", action="store_true", help="print the raw manifest.json instead of the table")
+    p.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    from .inspect import render
+    from .manifest import Manifest
+
+    manifest = Manifest.load(args.engine_dir)
+    print(manifest.to_json() if args.json else render(manifest, args.engine_dir), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdrt",
+        description="Stable Diffusion deployment engine: export checkpoints to engine dirs and run them.",
+        formatter_class=_Formatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_export(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # SIGTERM (a service manager, `timeout`) cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return args.run(args)
+    except UserError as e:
+        print(f"sdrt: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"sdrt: {args.command} interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""`sdrt inspect`: an engine dir's manifest as a readable table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .manifest import Component, Manifest, TensorSpec
+
+TOP_OPS = 6  # op types listed per artifact
+
+
+def _shape(t: TensorSpec) -> str:
+    return f"{t.name}[{', '.join(str(d) for d in t.shape)}] {t.dtype}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _disk_bytes(engine_dir: Path, files: list[str | None]) -> int | None:
+    paths = [Path(engine_dir) / f for f in files if f]
+    if not all(p.is_file() for p in paths):
+        return None
+    return sum(p.stat().st_size for p in paths)
+
+
+def _component_rows(name: str, c: Component, engine_dir: Path) -> list[str]:
+    rows = [f"{name}"]
+    rows += [f"  in   {_shape(t)}" for t in c.inputs]
+    rows += [f"  out  {_shape(t)}" for t in c.outputs]
+    rows.append("  axes " + ", ".join(f"{k} {a.describe()}" for k, a in c.axes.items()))
+    for a in c.artifacts:
+        on_disk = _disk_bytes(engine_dir, [a.file, a.external_data])
+        disk = _size(on_disk) if on_disk is not None else "MISSING"
+        v = a.validation
+        err = f"max|err| {v.max_abs_error:.2e} vs {v.reference} (threshold {v.threshold:.1e})" if v else "not validated"
+        ops = ", ".join(f"{op} {n}" for op, n in list(a.op_counts.items())[:TOP_OPS])
+        rows.append(f"  {a.kind} {a.precision:<5} {a.file}  {disk}  opset {a.opset}  {err}")
+        if ops:
+            rows.append(f"       ops: {ops}" + (", ..." if len(a.op_counts) > TOP_OPS else ""))
+    return rows
+
+
+def render(m: Manifest, engine_dir: Path) -> str:
+    h, w = m.native_resolution
+    lines = [
+        f"engine dir   {engine_dir}",
+        f"family       {m.family}   native {w}x{h}   latent {m.latent_channels}ch /{m.vae_scale_factor}   "
+        f"vae scaling {m.vae_scaling_factor}",
+        f"tokenizer    {m.tokenizer['file']}  max_length {m.tokenizer['max_length']}",
+        f"scheduler    {m.scheduler['class_name']} ({m.scheduler['prediction_type']})",
+        f"source       {m.source.get('path')}  {m.source.get('fingerprint', '')[:19]}",
+        "versions     " + "  ".join(f"{k} {v}" for k, v in m.versions.items()),
+    ]
+    for lora in m.loras:
+        lines.append(f"lora         {lora.file} x{lora.scale} ({lora.format}) {lora.modules_changed}")
+    lines.append("")
+    for name, c in m.components.items():
+        lines += _component_rows(name, c, engine_dir)
+    return "\n".join(lines) + "\n"
