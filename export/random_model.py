@@ -196,3 +196,26 @@ def write_random_checkpoint(folder: Path, name: str = "tiny", seed: int = 0) -> 
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m sdrt.export.random_model",
+        description="Write a random-weight SD 1.x diffusers checkpoint (real architecture, no download).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("out", type=Path, help="folder to create")
+    p.add_argument("--model", choices=sorted(CONFIGS), default="tiny", help="architecture size")
+    p.add_argument("--seed", type=int, default=0, help="torch seed of the random weights")
+    args = p.parse_args(argv)
+    if args.out.exists():
+        p.error(f"{args.out} already exists")
+    write_random_checkpoint(args.out, args.model, args.seed)
+    print(f"wrote {args.model} checkpoint to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

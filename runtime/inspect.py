@@ -6,7 +6,9 @@ from pathlib import Path
 
 from .manifest import Component, Manifest, TensorSpec
 
-TOP_OPS = 6  # op types listed per artifact
+TOP_OPS = 8  # op types listed per artifact
+# Listed first: the fused ops that TensorRT and ONNX Runtime turn into single kernels.
+FUSED_OPS = ("Attention", "GroupNormalization", "LayerNormalization", "Gelu")
 
 
 def _shape(t: TensorSpec) -> str:
@@ -38,10 +40,12 @@ def _component_rows(name: str, c: Component, engine_dir: Path) -> list[str]:
         disk = _size(on_disk) if on_disk is not None else "MISSING"
         v = a.validation
         err = f"max|err| {v.max_abs_error:.2e} vs {v.reference} (threshold {v.threshold:.1e})" if v else "not validated"
-        ops = ", ".join(f"{op} {n}" for op, n in list(a.op_counts.items())[:TOP_OPS])
+        ordered = [op for op in FUSED_OPS if op in a.op_counts] + [op for op in a.op_counts if op not in FUSED_OPS]
+        ops = ", ".join(f"{op} {a.op_counts[op]}" for op in ordered[:TOP_OPS])
         rows.append(f"  {a.kind} {a.precision:<5} {a.file}  {disk}  opset {a.opset}  {err}")
         if ops:
-            rows.append(f"       ops: {ops}" + (", ..." if len(a.op_counts) > TOP_OPS else ""))
+            total = sum(a.op_counts.values())
+            rows.append(f"       {total} nodes: {ops}" + (", ..." if len(a.op_counts) > TOP_OPS else ""))
     return rows
 
 
