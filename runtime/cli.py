@@ -22,6 +22,13 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line too (argparse prints the whole usage block by default)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
@@ -64,6 +71,53 @@ def _add_inspect(sub) -> None:
     p.set_defaults(run=_run_inspect)
 
 
+def _add_generate(sub) -> None:
+    from .schedulers import SCHEDULER_NAMES
+
+    p = sub.add_parser(
+        "generate",
+        help="generate images from an engine dir",
+        description="Text-to-image, or image-to-image with --init-image. Writes PNGs with the generation "
+        "parameters in a text chunk named 'parameters' (A1111 format).",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR", help="engine dir written by sdrt export")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5,
+                   help="classifier-free guidance scale; <= 1 runs the conditional half only")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
+                   help="sampler; default: the checkpoint's own scheduler")
+    p.add_argument("--seed", type=int, default=None, help="random seed; default: a random one, recorded in the PNG")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels; default: the model's native")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels; default: the model's native")
+    p.add_argument("--num-images", type=int, default=1, help="images to generate (numbered OUT-1.png, OUT-2.png, ...)")
+    p.add_argument("--init-image", type=Path, default=None, metavar="PATH",
+                   help="start from this image (image-to-image)")
+    p.add_argument("--strength", type=float, default=0.8,
+                   help="image-to-image: how much of the init image is replaced, in (0, 1]")
+    p.add_argument("--backend", choices=("auto", "cpu"), default="auto", help="engine backend")
+    p.add_argument("-o", "--out", type=Path, default=Path("sdrt.png"), metavar="OUT.png", help="output PNG")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    import secrets
+
+    from .generate import GenerateRequest, generate
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    paths = generate(GenerateRequest(
+        engine_dir=args.engine_dir, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+        guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=seed, height=args.height,
+        width=args.width, num_images=args.num_images, init_image=args.init_image, strength=args.strength,
+        backend=args.backend, out=args.out))
+    for path in paths:
+        print(path)
+    return 0
+
+
 def _run_inspect(args) -> int:
     from .inspect import render
     from .manifest import Manifest
@@ -74,14 +128,15 @@ def _run_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sdrt",
         description="Stable Diffusion deployment engine: export checkpoints to engine dirs and run them.",
         formatter_class=_Formatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_export(sub)
     _add_inspect(sub)
+    _add_generate(sub)
     return parser
 
 

@@ -1,0 +1,80 @@
+"""`sdrt generate`: run a Pipeline from CLI settings and write PNGs with A1111-style parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import images
+from .manifest import Manifest
+from .pipeline import Pipeline, check_size
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    engine_dir: Path
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    scheduler: str | None
+    seed: int
+    height: int | None
+    width: int | None
+    num_images: int
+    init_image: Path | None
+    strength: float
+    backend: str
+    out: Path
+
+
+def a1111_parameters(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int,
+                     width: int, height: int, model: str, strength: float | None) -> str:
+    """The `parameters` text A1111 writes: prompt, `Negative prompt:` line, then `Key: value` pairs."""
+    pairs = [("Steps", steps), ("Sampler", sampler), ("CFG scale", cfg), ("Seed", seed),
+             ("Size", f"{width}x{height}"), ("Model", model)]
+    if strength is not None:
+        pairs.append(("Denoising strength", strength))
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in pairs))
+    return "\n".join(lines)
+
+
+def output_paths(out: Path, n: int) -> list[Path]:
+    out = out if out.suffix.lower() == ".png" else out.with_suffix(".png")
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, n + 1)]
+
+
+def generate(req: GenerateRequest) -> list[Path]:
+    """Check every setting that needs no engine first, then load, generate and write the PNGs."""
+    from .errors import UserError
+
+    if not 0.0 < req.strength <= 1.0:
+        raise UserError(f"--strength must be in (0, 1], got {req.strength}")
+    if req.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {req.num_images}")
+    init = images.load_image(req.init_image) if req.init_image is not None else None
+    manifest = Manifest.load(req.engine_dir)
+    if init is not None and (req.height is None or req.width is None):
+        h = req.height or init.height // 8 * 8
+        w = req.width or init.width // 8 * 8
+    else:
+        h = req.height or manifest.native_resolution[0]
+        w = req.width or manifest.native_resolution[1]
+    check_size(manifest, h, w)
+    if not req.out.parent.is_dir():
+        raise UserError(f"output folder {req.out.parent} does not exist")
+
+    pipe = Pipeline.load(req.engine_dir, backend=req.backend)
+    scheduler = req.scheduler or pipe.default_scheduler
+    result = pipe(req.prompt, req.negative_prompt or None, steps=req.steps, guidance_scale=req.guidance_scale,
+                  scheduler=scheduler, seed=req.seed, height=h, width=w, num_images_per_prompt=req.num_images,
+                  image=init, strength=req.strength, progress=True)
+    text = a1111_parameters(req.prompt, req.negative_prompt, req.steps, scheduler, req.guidance_scale, req.seed,
+                            w, h, Path(req.engine_dir).resolve().name, req.strength if init is not None else None)
+    paths = output_paths(req.out, len(result))
+    for image, path in zip(result, paths):
+        images.save_png(image, path, text)
+    return paths

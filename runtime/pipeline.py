@@ -1,0 +1,232 @@
+"""Text-to-image and image-to-image: the numpy scheduler loop around the engine calls.
+
+Matches diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline step for step (tests/test_parity.py):
+the same prompt batching, [unconditional, conditional] guidance batch, scheduler, VAE scaling and rounding.
+
+Random draws come from one numpy Generator in a fixed order, so a seed always gives the same image:
+img2img first draws the VAE posterior noise, then the noise that is added to the image latents; text-to-image
+first draws the initial latents (unless `latents` is given); then each stochastic step draws its noise.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import images
+from .backend import make_backend
+from .errors import UserError
+from .manifest import SCHEDULER_FILE, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, Manifest
+from .schedulers import SCHEDULER_NAMES, SchedulerConfig, default_scheduler_name, make_sampler
+from .tokenizer import PromptTokenizer
+
+PIXEL_MULTIPLE = 8
+
+
+# StableDiffusionPipeline.__init__ rewrites every scheduler it is given this way (pipeline_stable_diffusion.py,
+# diffusers 0.42.1 l.214-238, "deprecated" configs): the SD pipelines never clip x0 and always offset by 1.
+SD_PIPELINE_SCHEDULER_FIXES = {"steps_offset": 1, "clip_sample": False}
+
+
+def load_scheduler_config(path: Path) -> SchedulerConfig:
+    try:
+        d = json.loads(Path(path).read_text())
+        config = {**d["config"], **SD_PIPELINE_SCHEDULER_FIXES}
+        config["_use_default_values"] = [k for k in config.get("_use_default_values", ())
+                                         if k not in SD_PIPELINE_SCHEDULER_FIXES]
+        return SchedulerConfig.from_json_dict({**d, "config": config})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read scheduler config {path}: {e}") from None
+
+
+def check_size(manifest: Manifest, height: int, width: int) -> None:
+    """Refuse a size that is not a multiple of 8 or that the exported UNet's axes do not accept."""
+    f = manifest.vae_scale_factor
+    axes = manifest.components[UNET].axes
+    for label, px, axis in (("height", height, "latent_height"), ("width", width, "latent_width")):
+        if px % PIXEL_MULTIPLE:
+            raise UserError(f"{label} {px} is not a multiple of {PIXEL_MULTIPLE}")
+        ax = axes[axis]
+        if px % f or not ax.check(px // f):
+            raise UserError(f"{label} {px} is outside the engine's limits: {ax.min * f}..{ax.max * f} "
+                            f"in steps of {ax.multiple_of * f}")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation's settings after defaults and checks."""
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    height: int
+    width: int
+    num_images_per_prompt: int
+    strength: float
+    eta: float
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images_per_prompt
+
+
+class Pipeline:
+    """An engine dir loaded once; call it to generate images. Holds no per-generation state."""
+
+    def __init__(self, engine_dir: Path, manifest: Manifest, backend, tokenizer: PromptTokenizer,
+                 scheduler_config: SchedulerConfig):
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.default_scheduler = default_scheduler_name(scheduler_config)
+
+    @classmethod
+    def load(cls, engine_dir, backend: str = "auto") -> Pipeline:
+        engine_dir = Path(engine_dir)
+        manifest = Manifest.load(engine_dir)
+        missing = {TEXT_ENCODER, UNET, VAE_DECODER} - set(manifest.components)
+        if missing:
+            raise UserError(f"{engine_dir} lacks {', '.join(sorted(missing))}; export all components to generate")
+        tok = PromptTokenizer(engine_dir / manifest.tokenizer["file"], manifest.tokenizer["max_length"])
+        sched = load_scheduler_config(engine_dir / manifest.scheduler.get("file", SCHEDULER_FILE))
+        return cls(engine_dir, manifest, make_backend(backend, engine_dir, manifest), tok, sched)
+
+    # -- settings -------------------------------------------------------------------------------------
+
+    def _request(self, prompt, negative_prompt, steps, guidance_scale, scheduler, height, width,
+                 num_images_per_prompt, strength, eta, image) -> Request:
+        prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise UserError("prompt must be a string or a non-empty list of strings")
+        if negative_prompt is None:
+            negatives = ("",) * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = (negative_prompt,) * len(prompts)
+        else:
+            negatives = tuple(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        name = scheduler or self.default_scheduler
+        if name not in SCHEDULER_NAMES:
+            raise UserError(f"unknown scheduler '{name}' (choose from: {', '.join(SCHEDULER_NAMES)})")
+        if int(steps) < 1:
+            raise UserError(f"steps must be at least 1, got {steps}")
+        if image is not None and not 0.0 < strength <= 1.0:
+            raise UserError(f"strength must be in (0, 1], got {strength}")
+        if num_images_per_prompt < 1:
+            raise UserError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if image is not None and (height is None or width is None):
+            # diffusers' img2img works at the image's own size, rounded down to a multiple of 8.
+            ih, iw = images.image_size(image)
+            height = height or ih // PIXEL_MULTIPLE * PIXEL_MULTIPLE
+            width = width or iw // PIXEL_MULTIPLE * PIXEL_MULTIPLE
+        nh, nw = self.manifest.native_resolution
+        height, width = int(height or nh), int(width or nw)
+        check_size(self.manifest, height, width)
+        return Request(prompts, negatives, int(steps), float(guidance_scale), name, height, width,
+                       int(num_images_per_prompt), float(strength), float(eta))
+
+    # -- stages ---------------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: tuple[str, ...], repeat: int) -> np.ndarray:
+        ids = self.tokenizer(list(prompts))
+        (hidden,) = self.backend.run(TEXT_ENCODER, {"input_ids": ids})
+        return np.repeat(hidden, repeat, axis=0)  # p0, p0, p1, p1: diffusers' repeat/view order
+
+    def encode_image(self, image, req: Request, rng: np.random.Generator) -> np.ndarray:
+        if VAE_ENCODER not in self.manifest.components:
+            raise UserError(f"{self.engine_dir} has no vae_encoder; re-export it for image-to-image")
+        pixels = images.preprocess(image, req.height, req.width)
+        mean, logvar = self.backend.run(VAE_ENCODER, {"image": pixels})
+        # DiagonalGaussianDistribution.sample: mean + exp(0.5 * clamp(logvar, -30, 20)) * noise.
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        latents = (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * self.manifest.vae_scaling_factor
+        if latents.shape[0] not in (1, req.batch):
+            if req.batch % latents.shape[0]:
+                raise UserError(f"{latents.shape[0]} init images cannot be spread over {req.batch} images")
+        return np.repeat(latents, req.batch // latents.shape[0], axis=0).astype(np.float32)
+
+    def denoise(self, x: np.ndarray, context: np.ndarray, sampler, req: Request, rng, progress: bool) -> np.ndarray:
+        cfg = req.guidance_scale > 1.0
+        timesteps = sampler.timesteps
+        bar = _progress_bar(len(timesteps), progress)
+        for i, t in enumerate(timesteps):
+            x_in = sampler.scale_model_input(x, i)
+            if cfg:
+                x_in = np.concatenate([x_in, x_in])
+            feeds = {"sample": x_in, "timestep": np.full(x_in.shape[0], t, dtype=np.float32),
+                     "encoder_hidden_states": context}
+            (eps,) = self.backend.run(UNET, feeds)
+            if cfg:
+                eps_uncond, eps_cond = np.split(eps, 2)
+                eps = eps_uncond + req.guidance_scale * (eps_cond - eps_uncond)
+            noise = rng.standard_normal(x.shape, dtype=np.float32) if sampler.needs_noise(i) else None
+            x = sampler.step(eps, i, x, noise)
+            if bar:
+                bar.update(1)
+        if bar:
+            bar.close()
+        return x
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        (decoded,) = self.backend.run(VAE_DECODER, {"latent": latents / np.float32(self.manifest.vae_scaling_factor)})
+        return images.postprocess(decoded)
+
+    # -- the call -------------------------------------------------------------------------------------
+
+    def __call__(self, prompt, negative_prompt=None, *, steps: int = 30, guidance_scale: float = 7.5,
+                 scheduler: str | None = None, seed: int | None = None, height: int | None = None,
+                 width: int | None = None, num_images_per_prompt: int = 1, latents: np.ndarray | None = None,
+                 image=None, strength: float = 0.8, eta: float = 0.0, output_type: str = "pil",
+                 progress: bool = False):
+        """Generate images; returns PIL images, or float32 [N, H, W, 3] in [0, 1] for output_type="np".
+
+        Text-to-image by default; image-to-image when `image` (a PIL image or [H, W, 3] array in [0, 1]) is
+        given, keeping `1 - strength` of it. `latents` is the initial unit-normal noise with diffusers'
+        meaning (it is multiplied by the scheduler's initial noise sigma). `progress` shows a step bar on stderr.
+        """
+        if output_type not in ("pil", "np"):
+            raise UserError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        req = self._request(prompt, negative_prompt, steps, guidance_scale, scheduler, height, width,
+                            num_images_per_prompt, strength, eta, image)
+        rng = np.random.default_rng(seed)
+        f, c = self.manifest.vae_scale_factor, self.manifest.latent_channels
+        shape = (req.batch, c, req.height // f, req.width // f)
+
+        context = self.encode_prompts(req.prompts, req.num_images_per_prompt)
+        if req.guidance_scale > 1.0:
+            context = np.concatenate([self.encode_prompts(req.negative_prompts, req.num_images_per_prompt), context])
+
+        try:
+            sampler = make_sampler(req.scheduler, self.scheduler_config, req.steps,
+                                   strength=req.strength if image is not None else 1.0, eta=req.eta)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if image is not None:
+            init = self.encode_image(image, req, rng)
+            x = sampler.add_noise(init, rng.standard_normal(shape, dtype=np.float32))
+        else:
+            noise = rng.standard_normal(shape, dtype=np.float32) if latents is None else np.asarray(latents, np.float32)
+            if noise.shape != shape:
+                raise UserError(f"latents have shape {list(noise.shape)}, expected {list(shape)}")
+            x = noise * np.float32(sampler.init_noise_sigma)
+
+        x = self.denoise(x, context, sampler, req, rng, progress)
+        out = self.decode(x)
+        return images.to_pil(out) if output_type == "pil" else out
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, leave=False)
