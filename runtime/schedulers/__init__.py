@@ -9,12 +9,14 @@ Public API::
     make_sampler(name, config, num_inference_steps, strength=1.0, eta=0.0) -> Sampler
 
     sampler.timesteps            # float32 (n,): the UNet `timestep` input of each step of this run
+    len(sampler)                 # n, the number of UNet calls (PNDM: N+1; img2img: the kept steps)
     sampler.init_noise_sigma     # float: text-to-image latents = unit normal * init_noise_sigma
     sampler.add_noise(x0, noise) # img2img: noised image latents at timesteps[0]
     sampler.needs_noise(i)       # True where step i consumes a standard-normal array
-    sampler.scale_model_input(x, i) -> UNet input (before CFG batching: apply per half or to the batch)
-    sampler.step(model_output, i, x, noise=None) -> x at the next level (ValueError if noise is needed
-                                 # and missing, or if steps run out of order)
+    sampler.scale_model_input(x, i)   # UNet input at step i (any batch, e.g. the CFG-doubled one)
+    sampler.step(model_output, i, x, noise=None) -> x at the next noise level; ValueError if noise is
+                                 # needed and missing, or if steps are not run in order 0, 1, ...
+    sampler.history              # the multistep memory (past x0 / eps / derivatives), a plain value
 
 Calling sequence (txt2img; for img2img start from ``add_noise`` instead of the multiply)::
 
