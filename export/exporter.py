@@ -25,6 +25,7 @@ from sdrt.runtime.manifest import COMPONENTS, Artifact, Component, Manifest
 
 from . import assets
 from .checkpoint import fingerprint, load_modules, open_checkpoint
+from .lora_merge import LoraSpec, merge_loras
 from .onnx_export import OPSET, export_onnx
 from .specs import Geometry, build_specs
 from .validate import validate_onnx
@@ -39,6 +40,8 @@ class ExportOptions:
     out: Path
     overwrite: bool = False
     components: tuple[str, ...] = COMPONENTS
+    loras: tuple[LoraSpec, ...] = ()  # merged in order before tracing
+    lora_allow_partial: bool = False
 
 
 def _versions() -> dict[str, str]:
@@ -98,8 +101,13 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
         raise UserError(f"{out} already exists (pass --overwrite to replace it)")
     t0 = time.perf_counter()
     ckpt = open_checkpoint(opts.checkpoint)
-    log(f"sdrt export: {ckpt.path} ({ckpt.family}) -> {out}")
     modules = load_modules(ckpt)
+    # LoRA problems are user errors too: reported alone, before any progress line.
+    lora_lines: list[str] = []
+    loras = merge_loras(opts.loras, modules, opts.lora_allow_partial, lora_lines.append)
+    log(f"sdrt export: {ckpt.path} ({ckpt.family}) -> {out}")
+    for line in lora_lines:
+        log(line)
     geo = geometry(modules)
     specs = build_specs(geo)
     gen = torch.Generator().manual_seed(SEED)
@@ -136,6 +144,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
             components=components,
             source=dict(path=str(ckpt.path.resolve()), format="diffusers", fingerprint=fingerprint(ckpt.path)),
             versions=_versions(),
+            loras=loras,
         )
         manifest.save(tmp)
     log(f"sdrt export: wrote {out} in {time.perf_counter() - t0:.1f} s")

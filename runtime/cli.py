@@ -45,16 +45,23 @@ def _add_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace ENGINE_DIR if it exists")
     p.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS), metavar="NAME",
                    help=f"components to export, from: {', '.join(COMPONENTS)}")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge this LoRA (kohya/A1111, diffusers attn-procs, diffusers or PEFT; .safetensors or "
+                   ".bin) into the weights before export, at SCALE (default 1.0); repeat to merge several, in order")
+    p.add_argument("--lora-allow-partial", action="store_true",
+                   help="merge a LoRA even if some of its keys match no module of the checkpoint")
     p.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> int:
     try:
         from sdrt.export.exporter import ExportOptions, export
+        from sdrt.export.lora_merge import LoraSpec
     except ImportError as e:
         raise UserError(f"sdrt export needs the export extra ({e.name} is missing): pip install 'sdrt[export]'")
     export(ExportOptions(checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite,
-                         components=tuple(args.components)))
+                         components=tuple(args.components), loras=tuple(LoraSpec.parse(a) for a in args.lora),
+                         lora_allow_partial=args.lora_allow_partial))
     return 0
 
 
