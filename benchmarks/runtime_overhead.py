@@ -20,15 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from import_time import import_seconds  # benchmarks/ is on sys.path when the script runs
+
 TARGET_FRACTION = 0.01
-
-
-def import_time(repeats: int = 5) -> float:
-    """Median wall time of `import sdrt.runtime` in a fresh interpreter."""
-    code = "import time; t = time.perf_counter(); import sdrt.runtime; print(time.perf_counter() - t)"
-    runs = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-            for _ in range(repeats)]
-    return statistics.median(runs)
 
 
 def export_engine(scratch: Path, model: str) -> Path:
@@ -102,7 +96,7 @@ def main() -> int:
         "benchmark": "runtime_overhead",
         "model": "engine " + str(args.engine) if args.engine else args.model,
         **result,
-        "import_sdrt_runtime_s": import_time(),
+        "import_sdrt_runtime_s": import_seconds("import sdrt.runtime", 5),
         "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "versions": manifest["versions"],
