@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,19 @@ def fingerprint(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _has_safetensors(folder: Path) -> bool:
+    """Say which weights to read, so a .bin-only folder does not log a failed safetensors lookup."""
+    return any(folder.glob("*.safetensors"))
+
+
+def _caused_by(e: BaseException | None, kind: type) -> bool:
+    while e is not None:
+        if isinstance(e, kind):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 @contextlib.contextmanager
 def _quiet_loading():
     """diffusers/transformers log a progress bar and advice per module; sdrt prints its own progress."""
@@ -148,13 +162,20 @@ def load_modules(ckpt: Checkpoint) -> dict:
         with _quiet_loading():
             scheduler_cls = getattr(diffusers, ckpt.model_index["scheduler"][1])
             modules = dict(
-                text_encoder=CLIPTextModel.from_pretrained(p / "text_encoder", torch_dtype=torch.float32),
-                unet=diffusers.UNet2DConditionModel.from_pretrained(p / "unet", torch_dtype=torch.float32),
-                vae=diffusers.AutoencoderKL.from_pretrained(p / "vae", torch_dtype=torch.float32),
+                text_encoder=CLIPTextModel.from_pretrained(p / "text_encoder", torch_dtype=torch.float32,
+                                                           use_safetensors=_has_safetensors(p / "text_encoder")),
+                unet=diffusers.UNet2DConditionModel.from_pretrained(p / "unet", torch_dtype=torch.float32,
+                                                                    use_safetensors=_has_safetensors(p / "unet")),
+                vae=diffusers.AutoencoderKL.from_pretrained(p / "vae", torch_dtype=torch.float32,
+                                                            use_safetensors=_has_safetensors(p / "vae")),
                 tokenizer=CLIPTokenizer.from_pretrained(p / "tokenizer"),
                 scheduler=scheduler_cls.from_pretrained(p / "scheduler"),
             )
-    except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError, pickle.UnpicklingError) as e:
+        if _caused_by(e, pickle.UnpicklingError):
+            # torch's message suggests weights_only=False, which would run the pickle's code: never do that.
+            raise UserError(f"refused {p}: a .bin weight file is a pickle that carries code; only tensors are "
+                            "loaded (convert it to .safetensors in a trusted environment)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise UserError(f"cannot load {p}: {first}") from None
     for name in ("text_encoder", "unet", "vae"):

@@ -69,6 +69,10 @@ def geometry(modules: dict) -> Geometry:
     )
 
 
+def _relative(path: Path | None, root: Path) -> str | None:
+    return path.relative_to(root).as_posix() if path else None
+
+
 @contextlib.contextmanager
 def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary sibling of `out`, renamed to `out` if the block completes, removed otherwise."""
@@ -123,10 +127,9 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
             if name == "unet" and onnx_file.op_counts.get("Attention", 0) == 0:
                 raise UserError("unet: the ONNX graph has no Attention nodes; the export failed to fuse attention")
             validation = validate_onnx(spec, module, onnx_file.path, gen)
-            rel = lambda p: p.relative_to(tmp).as_posix() if p else None  # noqa: E731
-            artifact = Artifact(kind="onnx", precision="fp32", file=rel(onnx_file.path), bytes=onnx_file.bytes,
-                                external_data=rel(onnx_file.external_data), opset=OPSET,
-                                op_counts=onnx_file.op_counts, validation=validation)
+            artifact = Artifact(kind="onnx", precision="fp32", file=_relative(onnx_file.path, tmp),
+                                bytes=onnx_file.bytes, external_data=_relative(onnx_file.external_data, tmp),
+                                opset=OPSET, op_counts=onnx_file.op_counts, validation=validation)
             components[name] = Component(inputs=spec.inputs, outputs=spec.outputs, axes=spec.axes,
                                          artifacts=(artifact,))
             log(f"[{i}/{len(opts.components)}] {name}: {time.perf_counter() - t:.1f} s, "

@@ -188,3 +188,36 @@ def test_every_flag_has_help():
         assert flag in r.stdout
     assert r.stdout.count("(default:") >= 2
     assert shutil.which("sdrt") is not None  # the console script is installed
+
+
+def test_code_carrying_bin_weights_refused(tiny_checkpoint, tmp_path):
+    """diffusers-format `.bin` weights load weights-only; a pickle that would run code is refused."""
+    ckpt = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    (ckpt / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("this would run on load",))
+
+    import torch
+
+    torch.save({"encoder.conv_in.weight": Boom()}, ckpt / "vae" / "diffusion_pytorch_model.bin")
+    r = run_sdrt("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "eng"))
+    assert_one_line_error(r, "refused", "pickle that carries code")
+    assert "this would run on load" not in r.stdout + r.stderr
+    assert_nothing_written(tmp_path, {"ckpt"})
+
+
+def test_bin_weights_export(tiny_checkpoint, tmp_path):
+    """A checkpoint with `.bin` (plain tensor pickle) weights exports like its safetensors twin."""
+    import torch
+    from safetensors.torch import load_file
+
+    ckpt = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    st = ckpt / "vae" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(st), ckpt / "vae" / "diffusion_pytorch_model.bin")
+    st.unlink()
+    r = run_sdrt("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "eng"), "--components", "vae_decoder")
+    assert r.returncode == 0, r.stderr
+    assert "safetensors" not in r.stderr  # no failed-lookup noise from the loaders
+    assert Manifest.load(tmp_path / "eng").components["vae_decoder"].artifact().validation is not None

@@ -1,8 +1,10 @@
-"""Export time and peak RSS of a full-size SD 1.5 architecture with random weights.
+"""Export time and peak RSS of an SD 1.x architecture with random weights (full-size "sd15" or "tiny").
 
-    python benchmarks/export_full_size.py --components unet --json benchmarks/results/export_sd15_unet_cpu.json
+    python benchmarks/export_time.py --components unet --json benchmarks/results/export_sd15_unet_cpu.json
+    python benchmarks/export_time.py --model tiny --components text_encoder unet vae_decoder vae_encoder \
+        --json benchmarks/results/export_tiny_cpu.json
 
-Writes a random-weight diffusers folder with the real SD 1.5 configs (export/random_model.py, "sd15"),
+Writes a random-weight diffusers folder with the real architecture (export/random_model.py CONFIGS),
 runs `sdrt export` on it in a child process and reports wall time and the child's peak RSS, plus each
 component's validation error from the manifest. Nothing is downloaded.
 """
@@ -70,7 +72,7 @@ def main() -> int:
         for name, c in manifest["components"].items()
     }
     report = {
-        "benchmark": "export_full_size",
+        "benchmark": "export_time",
         "model": args.model,
         "components": components,
         "checkpoint_gib": ckpt_bytes / 2**30,
