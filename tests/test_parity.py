@@ -123,7 +123,7 @@ def _init_image() -> Image.Image:
     return im
 
 
-@pytest.mark.parametrize("name", ["pndm", "ddim", "euler", "euler-a", "dpmpp-2m", "lms", "unipc"])
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_img2img_matches_diffusers(sdrt_pipe, tiny_checkpoint, shared_noise, name):
     image = _init_image()
     shared_noise(21)
