@@ -103,12 +103,9 @@ def test_format_merges_with_parity(fmt, tiny_checkpoint, tiny_modules, base_outp
     ref = _torch_outputs(ref_unet, ref_te)
     assert _rel(te, ref[0]) <= LORA_PARITY_RTOL and _rel(unet, ref[1]) <= LORA_PARITY_RTOL
     if diffusers_loads:
-        # diffusers' kohya text-encoder conversion no longer fits current transformers: compare the UNet only.
         d_unet, d_te = _diffusers_fused(tiny_checkpoint, path, scale)
         d = _torch_outputs(d_unet, d_te)
-        assert _rel(unet, d[1]) <= LORA_PARITY_RTOL
-        if fmt != "kohya":
-            assert _rel(te, d[0]) <= LORA_PARITY_RTOL
+        assert _rel(unet, d[1]) <= LORA_PARITY_RTOL and _rel(te, d[0]) <= LORA_PARITY_RTOL
     # The LoRA changed what it should, visibly.
     assert _rel(unet, base_outputs[1]) > 1e-3
     assert (_rel(te, base_outputs[0]) > 1e-3) == any(e.component == "text_encoder" for e in entries)
