@@ -149,10 +149,12 @@ class Pipeline:
         # DiagonalGaussianDistribution.sample: mean + exp(0.5 * clamp(logvar, -30, 20)) * noise.
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         latents = (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * self.manifest.vae_scaling_factor
-        if latents.shape[0] not in (1, req.batch):
-            if req.batch % latents.shape[0]:
-                raise UserError(f"{latents.shape[0]} init images cannot be spread over {req.batch} images")
-        return np.repeat(latents, req.batch // latents.shape[0], axis=0).astype(np.float32)
+        n = latents.shape[0]
+        if req.batch % n:
+            raise UserError(f"{n} init images cannot be spread over {req.batch} images")
+        # Image i goes with prompt i (and its repeats). diffusers tiles instead (i0, i1, i0, i1 against prompts
+        # p0, p0, p1, p1) when several images meet num_images_per_prompt > 1; for one image both agree.
+        return np.repeat(latents, req.batch // n, axis=0).astype(np.float32)
 
     def denoise(self, x: np.ndarray, context: np.ndarray, sampler, req: Request, rng, progress: bool) -> np.ndarray:
         cfg = req.guidance_scale > 1.0
