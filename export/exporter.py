@@ -73,13 +73,17 @@ def _relative(path: Path | None, root: Path) -> str | None:
     return path.relative_to(root).as_posix() if path else None
 
 
-@contextlib.contextmanager
-def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling of `out`, renamed to `out` if the block completes, removed otherwise."""
+def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists (pass --overwrite to replace it)")
     if not out.parent.is_dir():
         raise UserError(f"parent folder of {out} does not exist")
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of `out`, renamed to `out` if the block completes, removed otherwise."""
+    check_out(out, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -101,8 +105,7 @@ def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
 def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Manifest:
     """Export the checkpoint to `opts.out`; returns the manifest written there."""
     out = Path(opts.out)
-    if out.exists() and not opts.overwrite:
-        raise UserError(f"{out} already exists (pass --overwrite to replace it)")
+    check_out(out, opts.overwrite)  # before the slow part; checked again when the staging dir is made
     t0 = time.perf_counter()
     ckpt = open_checkpoint(opts.checkpoint)
     modules = load_modules(ckpt)
