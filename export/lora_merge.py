@@ -39,12 +39,24 @@ class LoraSpec:
         return cls(Path(arg), 1.0)
 
 
+def _aliases(component: str, name: str) -> tuple[str, ...]:
+    """LoRA files name CLIP modules `text_model.encoder...`; transformers 5 drops the `text_model.` level."""
+    if component != TEXT_ENCODER:
+        return (name,)
+    bare = name.removeprefix("text_model.")
+    return (bare, "text_model." + bare)
+
+
 def module_table(modules: dict, kohya: bool) -> dict[str, dict[str, torch.nn.Module]]:
     """Linear/Conv2d modules per component by the names LoRA files use (kohya: `lora_unet_a_b_c`)."""
     tables = {}
     for comp, prefix in ((UNET, "lora_unet_"), (TEXT_ENCODER, "lora_te_")):
-        named = ((n, m) for n, m in modules[comp].named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
-        tables[comp] = {(prefix + n.replace(".", "_") if kohya else n): m for n, m in named}
+        table = {}
+        for n, m in modules[comp].named_modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                for alias in _aliases(comp, n):
+                    table[prefix + alias.replace(".", "_") if kohya else alias] = m
+        tables[comp] = table
     return tables
 
 

@@ -50,7 +50,9 @@ def random_entries(modules: dict, *, rank: int = 4, alpha: float | None = 2.0, s
         for name, m in modules["text_encoder"].named_modules():
             if any(name.endswith(f".{p}") for p in TE_ATTN) or (not attention_only and name.endswith(".mlp.fc1")):
                 down, up = _lowrank(m, rank, gen, conv_kernel=False)
-                out.append(Entry("text_encoder", name, down, up, alpha))
+                # Files name CLIP modules as transformers 4 did, under `text_model.`; transformers 5 has no
+                # such level.
+                out.append(Entry("text_encoder", "text_model." + name.removeprefix("text_model."), down, up, alpha))
     return out
 
 
@@ -112,7 +114,8 @@ def textbook_merge(modules: dict, entries: list[Entry], scale: float) -> None:
     """W += scale * alpha / r * reshape(up.flatten(1) @ down.flatten(1)), in place, fp32."""
     with torch.no_grad():
         for e in entries:
-            target = dict(modules[e.component].named_modules())[e.module]
+            named = dict(modules[e.component].named_modules())
+            target = named.get(e.module) or named[e.module.removeprefix("text_model.")]
             r = e.down.shape[0]
             s = scale * (e.alpha / r if e.alpha else 1.0)
             target.weight += s * (e.up.flatten(1) @ e.down.flatten(1)).reshape(target.weight.shape)
