@@ -1,0 +1,1 @@
+"""Training code for the embedded demo model (see training/README.md)."""
