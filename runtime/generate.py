@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import images
+from .errors import UserError
 from .manifest import Manifest
 from .pipeline import Pipeline, check_size
 
@@ -49,8 +50,6 @@ def output_paths(out: Path, n: int) -> list[Path]:
 
 def generate(req: GenerateRequest) -> list[Path]:
     """Check every setting that needs no engine first, then load, generate and write the PNGs."""
-    from .errors import UserError
-
     if not 0.0 < req.strength <= 1.0:
         raise UserError(f"--strength must be in (0, 1], got {req.strength}")
     if req.num_images < 1:

@@ -15,7 +15,6 @@ from lora_factory import (random_entries, textbook_merge, write_attn_procs, writ
                           write_peft)
 from sdrt.export.exporter import ExportOptions, export
 from sdrt.export.lora_merge import LoraSpec
-from sdrt.runtime.errors import UserError
 from sdrt.runtime.manifest import Manifest
 
 # |onnx(merged) - reference| / max|reference| for the UNet and text-encoder outputs.
