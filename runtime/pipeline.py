@@ -86,7 +86,10 @@ class Pipeline:
         self.backend = backend
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
-        self.default_scheduler = default_scheduler_name(scheduler_config)
+        try:
+            self.default_scheduler = default_scheduler_name(scheduler_config)
+        except ValueError:  # the checkpoint's own class has no numpy port: a name must be given per call
+            self.default_scheduler = None
 
     @classmethod
     def load(cls, engine_dir, backend: str = "auto") -> Pipeline:
@@ -115,6 +118,9 @@ class Pipeline:
             if len(negatives) != len(prompts):
                 raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         name = scheduler or self.default_scheduler
+        if name is None:
+            raise UserError(f"the checkpoint's scheduler {self.scheduler_config.class_name} has no sdrt equivalent; "
+                            f"choose one of: {', '.join(SCHEDULER_NAMES)}")
         if name not in SCHEDULER_NAMES:
             raise UserError(f"unknown scheduler '{name}' (choose from: {', '.join(SCHEDULER_NAMES)})")
         if int(steps) < 1:

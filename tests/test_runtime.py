@@ -106,3 +106,21 @@ def test_generate_refusals(tiny_engine, tmp_path, args, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["init.png"]
+
+
+def test_checkpoint_scheduler_without_numpy_port(tiny_engine, tmp_path):
+    """A checkpoint whose own scheduler sdrt lacks needs --scheduler, and says so in one line."""
+    import json
+    import shutil
+
+    engine = tmp_path / "engine"
+    shutil.copytree(tiny_engine, engine)
+    d = json.loads((engine / "scheduler.json").read_text())
+    d["class_name"] = "HeunDiscreteScheduler"
+    (engine / "scheduler.json").write_text(json.dumps(d))
+    r = run_sdrt("generate", str(engine), "a red circle", "--steps", "2", "-o", str(tmp_path / "a.png"))
+    assert r.returncode == 2 and "HeunDiscreteScheduler has no sdrt equivalent" in r.stderr, r.stderr
+    assert not (tmp_path / "a.png").exists()
+    r = run_sdrt("generate", str(engine), "a red circle", "--steps", "2", "--scheduler", "euler",
+                 "-o", str(tmp_path / "b.png"))
+    assert r.returncode == 0 and (tmp_path / "b.png").is_file(), r.stderr
