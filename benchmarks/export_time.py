@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from report import command, machine, write_json  # benchmarks/ is on sys.path when a script runs
 
 
 def run_child(cmd: list[str]) -> tuple[float, float]:
@@ -79,13 +80,11 @@ def main() -> int:
         "write_checkpoint_s": write_s,
         "export_wall_s": wall,
         "export_peak_rss_gib": peak,
-        "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "versions": manifest["versions"],
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command(),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     print(f"{args.model} {' '.join(args.components)}: export {wall:.0f} s, peak RSS {peak:.2f} GiB")
     for name, c in components.items():
         print(f"  {name}: {c['onnx_bytes'] / 2**30:.2f} GiB, max|err| {c['max_abs_error']:.2e} "

@@ -9,12 +9,12 @@ numpy, tokenizers and pillow (onnxruntime loads when a backend is created).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from report import command, machine, write_json  # benchmarks/ is on sys.path when a script runs
 
 STATEMENTS = ("import sdrt.runtime", "from sdrt.runtime import Pipeline", "import sdrt.runtime.cli")
 TARGET_S = 0.5
@@ -39,11 +39,10 @@ def main() -> int:
         "repeats": args.repeats,
         "target_s": TARGET_S,
         "meets_target": results["import sdrt.runtime"] < TARGET_S,
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine(),
+        "command": command(),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     for s, t in results.items():
         print(f"{t * 1e3:8.1f} ms  {s}")
     return 0

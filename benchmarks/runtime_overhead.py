@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -20,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from import_time import import_seconds  # benchmarks/ is on sys.path when the script runs
+# benchmarks/ is on sys.path when a script runs.
+from import_time import import_seconds
+from report import command, machine, write_json
 
 TARGET_FRACTION = 0.01
 
@@ -97,13 +98,11 @@ def main() -> int:
         "model": "engine " + str(args.engine) if args.engine else args.model,
         **result,
         "import_sdrt_runtime_s": import_seconds("import sdrt.runtime", 5),
-        "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "versions": manifest["versions"],
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command(),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     print(f"UNet step {result['median_unet_step_s']:.3f} s, overhead/step {result['median_overhead_per_step_s'] * 1e3:.2f} ms "
           f"= {result['overhead_fraction_of_unet_step'] * 100:.3f}% (target < {TARGET_FRACTION * 100:.0f}%), "
           f"import sdrt.runtime {report['import_sdrt_runtime_s'] * 1e3:.0f} ms")
