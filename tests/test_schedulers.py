@@ -20,9 +20,16 @@ from sdrt.runtime.schedulers import (SCHEDULER_NAMES, SCHEDULERS, SchedulerConfi
                                      make_sampler)
 from sdrt.runtime.schedulers.config import CLASS_DEFAULTS
 
-# Max |sdrt - diffusers| over every scaled UNet input and every latent. float32 rounding of latents
-# of magnitude <= ~60 (sigma_max 14.6 times unit noise) is ~4e-6 per operation.
+# Max |sdrt - diffusers| over every scaled UNet input and every latent, allowed per array as
+# LATENT_ATOL + LATENT_RTOL * max|latent|. float32 rounds each operation to ~6e-8 of the largest values
+# involved, and a CPU's SIMD path (AVX2, AVX-512) picks which rounding: unit-scale latents keep an absolute
+# 1e-5, while latents that reach ~60 (sigma_max 14.6 x unit noise) or ~1.4e4 (zero terminal SNR,
+# sigma_max 4096) may differ by a few ulps of their peak (1e-3 seen at 1.4e4 on an AMD EPYC).
 LATENT_ATOL = 1e-5
+LATENT_RTOL = 4 * float(np.finfo(np.float32).eps)  # 4 float32 ulps of the array's peak (4.8e-7)
+# Timesteps and sigmas are float32 values computed by both sides through log/exp/interp, whose last bit
+# depends on the CPU's SIMD path (Euler Karras timesteps: 565.8302 vs 565.83014, one ulp, on an AMD EPYC).
+SCHEDULE_MAXULP = 4
 SHAPE = (2, 4, 8, 8)
 
 # diffusers' own numpy-2 deprecation (np.array on a torch tensor in set_timesteps), not sdrt's.
@@ -118,19 +125,34 @@ def run_diffusers(sched, name, n, strength, eta, seed, denoiser, monkeypatch):
     return timesteps.float().numpy(), float(sched.init_noise_sigma), inputs, latents, noised_at
 
 
+def assert_schedule_equal(ours, theirs, err_msg=""):
+    """Equal within SCHEDULE_MAXULP float32 ulps: a one-bit difference from libm/SIMD is not a different schedule."""
+    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+    assert ours.shape == theirs.shape, err_msg
+    try:
+        np.testing.assert_array_max_ulp(ours, theirs, maxulp=SCHEDULE_MAXULP)
+    except AssertionError as e:
+        raise AssertionError(f"{err_msg}: {e}\nsdrt      {ours}\ndiffusers {theirs}") from None
+
+
+def latent_error(ours, theirs) -> float:
+    """max |ours - theirs| in units of the allowed error for latents of that magnitude (<= 1 passes)."""
+    return float(np.abs(ours - theirs).max()) / (LATENT_ATOL + LATENT_RTOL * float(np.abs(theirs).max()))
+
+
 def max_error(name, source, config, n, monkeypatch, strength=1.0, eta=0.0, seed=0):
-    """Run both, assert the schedule matches exactly, return the max latent/input error."""
+    """Run both, assert the schedule matches, return the max latent/input error relative to its tolerance."""
     spec = SCHEDULERS[name]
     sched = getattr(diffusers, spec.diffusers_class).from_config(source.config, **spec.overrides)
     denoiser = make_denoiser(draws(seed, n)[2] * 0.5, source.alphas_cumprod.numpy(), sched.config.prediction_type)
     ts, sigma0, inputs, latents, noised_at = run_sdrt(name, config, n, strength, eta, seed, denoiser)
     ref_ts, ref_sigma0, ref_inputs, ref_latents, ref_noised_at = run_diffusers(
         sched, name, n, strength, eta, seed, denoiser, monkeypatch)
-    np.testing.assert_array_equal(ts, ref_ts)
+    assert_schedule_equal(ts, ref_ts)
     assert sigma0 == pytest.approx(ref_sigma0, rel=1e-6, abs=0)
     assert noised_at == ref_noised_at
     assert len(latents) == len(ref_latents)
-    errors = [float(np.abs(a - b).max()) for a, b in zip(inputs + latents, ref_inputs + ref_latents)]
+    errors = [latent_error(a, b) for a, b in zip(inputs + latents, ref_inputs + ref_latents)]
     assert all(np.isfinite(errors))
     return max(errors)
 
@@ -138,7 +160,7 @@ def max_error(name, source, config, n, monkeypatch, strength=1.0, eta=0.0, seed=
 def check(name, source_class, source_config, n, monkeypatch, **kwargs):
     source, config = checkpoint(source_class, source_config)
     err = max_error(name, source, config, n, monkeypatch, **kwargs)
-    assert err <= LATENT_ATOL, f"{name} n={n} {kwargs}: max |sdrt - diffusers| = {err:.3g}"
+    assert err <= 1.0, f"{name} n={n} {kwargs}: max |sdrt - diffusers| = {err:.3g} x the latent tolerance"
 
 
 # --- every name, SD1.5 config, spacing x prediction type x step count -----------------------------
@@ -211,7 +233,7 @@ def test_unipc_bh1_last_step_is_x0_where_diffusers_gives_nan(monkeypatch):
     denoiser = make_denoiser(draws(0, 6)[2] * 0.5, source.alphas_cumprod.numpy(), "epsilon")
     _, _, _, latents, _ = run_sdrt("unipc", config, 6, 1.0, 0.0, 0, denoiser)
     _, _, _, ref_latents, _ = run_diffusers(sched, "unipc", 6, 1.0, 0.0, 0, denoiser, monkeypatch)
-    assert max(float(np.abs(a - b).max()) for a, b in zip(latents[:-1], ref_latents[:-1])) <= LATENT_ATOL
+    assert max(latent_error(a, b) for a, b in zip(latents[:-1], ref_latents[:-1])) <= 1.0
     assert np.isnan(ref_latents[-1]).all() and np.isfinite(latents[-1]).all()
 
 
@@ -248,9 +270,9 @@ def test_schedule_matches_diffusers(name, spacing):
                 make_sampler(name, config, n)
             continue
         plan = make_sampler(name, config, n).plan
-        np.testing.assert_array_equal(plan.timesteps, sched.timesteps.float().numpy(), err_msg=f"n={n}")
+        assert_schedule_equal(plan.timesteps, sched.timesteps.float().numpy(), err_msg=f"n={n}")
         if hasattr(plan, "sigmas"):
-            np.testing.assert_allclose(plan.sigmas, sched.sigmas.numpy(), rtol=1e-6, err_msg=f"n={n}")
+            assert_schedule_equal(plan.sigmas, sched.sigmas.numpy(), err_msg=f"n={n}")
 
 
 def test_dpm_karras_timesteps_unrounded_for_cosine_betas():
@@ -260,8 +282,8 @@ def test_dpm_karras_timesteps_unrounded_for_cosine_betas():
     sched = diffusers.DPMSolverMultistepScheduler.from_config(source.config, use_karras_sigmas=True)
     sched.set_timesteps(12)
     plan = make_sampler("dpmpp-2m-karras", config, 12).plan
-    np.testing.assert_array_equal(plan.timesteps, sched.timesteps.float().numpy())
-    np.testing.assert_allclose(plan.sigmas, sched.sigmas.numpy(), rtol=1e-6)
+    assert_schedule_equal(plan.timesteps, sched.timesteps.float().numpy())
+    assert_schedule_equal(plan.sigmas, sched.sigmas.numpy())
 
 
 # --- img2img --------------------------------------------------------------------------------------
