@@ -14,17 +14,17 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.manifest import COMPONENTS, Artifact, Component, Manifest
+from sdrt.runtime.manifest import COMPONENTS, Artifact, Component, GenerationDefaults, Manifest
 
 from . import assets
-from .checkpoint import fingerprint, load_modules, open_checkpoint
+from .checkpoint import check_defaults, fingerprint, load_modules, open_checkpoint
 from .lora_merge import LoraSpec, merge_loras
 from .onnx_export import OPSET, export_onnx
 from .specs import Geometry, build_specs
@@ -42,6 +42,7 @@ class ExportOptions:
     components: tuple[str, ...] = COMPONENTS
     loras: tuple[LoraSpec, ...] = ()  # merged in order before tracing
     lora_allow_partial: bool = False
+    defaults: GenerationDefaults = GenerationDefaults()  # recommended settings; set ones override the checkpoint's
 
 
 def _versions() -> dict[str, str]:
@@ -106,13 +107,19 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
     """Export the checkpoint to `opts.out`; returns the manifest written there."""
     out = Path(opts.out)
     check_out(out, opts.overwrite)  # before the slow part; checked again when the staging dir is made
+    check_defaults(opts.defaults, "default settings")
     t0 = time.perf_counter()
     ckpt = open_checkpoint(opts.checkpoint)
+    defaults = opts.defaults.over(ckpt.defaults)
     modules = load_modules(ckpt)
     # LoRA problems are user errors too: reported alone, before any progress line.
     lora_lines: list[str] = []
     loras = merge_loras(opts.loras, modules, opts.lora_allow_partial, lora_lines.append)
     log(f"sdrt export: {ckpt.path} ({ckpt.family}) -> {out}")
+    recommended = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in asdict(defaults).items() if v is not None)
+    if recommended:
+        log(f"recommended settings: {recommended}")
     for line in lora_lines:
         log(line)
     geo = geometry(modules)
@@ -151,6 +158,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
             source=dict(path=str(ckpt.path.resolve()), format="diffusers", fingerprint=fingerprint(ckpt.path)),
             versions=_versions(),
             loras=loras,
+            defaults=defaults,
         )
         manifest.save(tmp)
     log(f"sdrt export: wrote {out} in {time.perf_counter() - t0:.1f} s")

@@ -12,14 +12,18 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .manifest import COMPONENTS
+from .manifest import BUILTIN_DEFAULTS, COMPONENTS, GenerationDefaults, SettingError
+from .schedulers import SCHEDULER_NAMES
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows defaults, except None: those flags' help says what leaving them out means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +54,16 @@ def _add_export(sub) -> None:
                    ".bin) into the weights before export, at SCALE (default 1.0); repeat to merge several, in order")
     p.add_argument("--lora-allow-partial", action="store_true",
                    help="merge a LoRA even if some of its keys match no module of the checkpoint")
+    p.add_argument("--default-guidance", type=float, default=None, metavar="G",
+                   help="recommended guidance scale, recorded in the engine dir and used when a generation gives "
+                   "none; default: the checkpoint's sdrt_defaults.json, else none (sdrt then uses "
+                   f"{BUILTIN_DEFAULTS.guidance_scale})")
+    p.add_argument("--default-steps", type=int, default=None, metavar="N",
+                   help="recommended denoising steps, recorded likewise; default: the checkpoint's "
+                   f"sdrt_defaults.json, else none (sdrt then uses {BUILTIN_DEFAULTS.steps})")
+    p.add_argument("--default-scheduler", choices=SCHEDULER_NAMES, default=None, metavar="NAME",
+                   help="recommended scheduler, recorded likewise; default: the checkpoint's sdrt_defaults.json, "
+                   f"else none (sdrt then uses the checkpoint's own); one of: {', '.join(SCHEDULER_NAMES)}")
     p.set_defaults(run=_run_export)
 
 
@@ -59,9 +73,14 @@ def _run_export(args) -> int:
         from sdrt.export.lora_merge import LoraSpec
     except ImportError as e:
         raise UserError(f"sdrt export needs the export extra ({e.name} is missing): pip install 'sdrt[export]'")
+    try:
+        defaults = GenerationDefaults(args.default_guidance, args.default_steps, args.default_scheduler)
+    except SettingError as e:
+        flag = {"guidance_scale": "--default-guidance"}.get(e.setting, f"--default-{e.setting}")
+        raise UserError(f"{flag} {e.problem}") from None
     export(ExportOptions(checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite,
                          components=tuple(args.components), loras=tuple(LoraSpec.parse(a) for a in args.lora),
-                         lora_allow_partial=args.lora_allow_partial))
+                         lora_allow_partial=args.lora_allow_partial, defaults=defaults))
     return 0
 
 
@@ -79,8 +98,6 @@ def _add_inspect(sub) -> None:
 
 
 def _add_generate(sub) -> None:
-    from .schedulers import SCHEDULER_NAMES
-
     p = sub.add_parser(
         "generate",
         help="generate images from an engine dir",
@@ -91,11 +108,14 @@ def _add_generate(sub) -> None:
     p.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR", help="engine dir written by sdrt export")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=7.5,
-                   help="classifier-free guidance scale; <= 1 runs the conditional half only")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps; default: the engine dir's recommended (sdrt inspect shows it), "
+                   f"else {BUILTIN_DEFAULTS.steps}")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale; <= 1 runs the conditional half only; default: the engine "
+                   f"dir's recommended, else {BUILTIN_DEFAULTS.guidance_scale}")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
-                   help="sampler; default: the checkpoint's own scheduler")
+                   help="sampler; default: the engine dir's recommended, else the checkpoint's own scheduler")
     p.add_argument("--seed", type=int, default=None, help="random seed; default: a random one, recorded in the PNG")
     p.add_argument("--height", type=int, default=None, help="image height in pixels; default: the model's native")
     p.add_argument("--width", type=int, default=None, help="image width in pixels; default: the model's native")
@@ -134,12 +154,23 @@ def _run_inspect(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdrt")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sdrt",
         description="Stable Diffusion deployment engine: export checkpoints to engine dirs and run them.",
         formatter_class=_Formatter,
     )
+    parser.add_argument("--version", action="version", version=f"sdrt {_version()}",
+                        help="print sdrt's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_export(sub)
     _add_inspect(sub)

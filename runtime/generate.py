@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import images
 from .errors import UserError
-from .manifest import Manifest
+from .manifest import GenerationDefaults, Manifest, SettingError
 from .pipeline import Pipeline, check_size
 
 
@@ -16,8 +16,8 @@ class GenerateRequest:
     engine_dir: Path
     prompt: str
     negative_prompt: str
-    steps: int
-    guidance_scale: float
+    steps: int | None  # None: the engine dir's recommended setting, else sdrt's default
+    guidance_scale: float | None
     scheduler: str | None
     seed: int
     height: int | None
@@ -54,6 +54,10 @@ def generate(req: GenerateRequest) -> list[Path]:
         raise UserError(f"--strength must be in (0, 1], got {req.strength}")
     if req.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {req.num_images}")
+    try:
+        asked = GenerationDefaults(req.guidance_scale, req.steps, req.scheduler)
+    except SettingError as e:
+        raise UserError(f"--{e.setting.replace('_', '-')} {e.problem}") from None
     init = images.load_image(req.init_image) if req.init_image is not None else None
     manifest = Manifest.load(req.engine_dir)
     if init is not None and (req.height is None or req.width is None):
@@ -67,12 +71,13 @@ def generate(req: GenerateRequest) -> list[Path]:
         raise UserError(f"output folder {req.out.parent} does not exist")
 
     pipe = Pipeline.load(req.engine_dir, backend=req.backend)
-    scheduler = req.scheduler or pipe.default_scheduler
-    result = pipe(req.prompt, req.negative_prompt or None, steps=req.steps, guidance_scale=req.guidance_scale,
-                  scheduler=scheduler, seed=req.seed, height=h, width=w, num_images_per_prompt=req.num_images,
-                  image=init, strength=req.strength, progress=True)
-    text = a1111_parameters(req.prompt, req.negative_prompt, req.steps, scheduler, req.guidance_scale, req.seed,
-                            w, h, Path(req.engine_dir).resolve().name, req.strength if init is not None else None)
+    settings = asked.over(pipe.defaults)
+    result = pipe(req.prompt, req.negative_prompt or None, steps=settings.steps,
+                  guidance_scale=settings.guidance_scale, scheduler=settings.scheduler, seed=req.seed, height=h,
+                  width=w, num_images_per_prompt=req.num_images, image=init, strength=req.strength, progress=True)
+    text = a1111_parameters(req.prompt, req.negative_prompt, settings.steps, settings.scheduler,
+                            settings.guidance_scale, req.seed, w, h, Path(req.engine_dir).resolve().name,
+                            req.strength if init is not None else None)
     paths = output_paths(req.out, len(result))
     for image, path in zip(result, paths):
         images.save_png(image, path, text)

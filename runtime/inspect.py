@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .manifest import Component, Manifest, TensorSpec
+from .manifest import BUILTIN_DEFAULTS, Component, Manifest, TensorSpec
 
 TOP_OPS = 8  # op types listed per artifact
 # Listed first: the fused ops that TensorRT and ONNX Runtime turn into single kernels.
@@ -49,6 +49,15 @@ def _component_rows(name: str, c: Component, engine_dir: Path) -> list[str]:
     return rows
 
 
+def describe_defaults(m: Manifest) -> str:
+    """What a generation that sets nothing uses, and where each value comes from."""
+    d, b = m.defaults, BUILTIN_DEFAULTS
+    guidance = f"{d.guidance_scale:g}" if d.guidance_scale is not None else f"{b.guidance_scale:g} (sdrt's)"
+    steps = f"{d.steps}" if d.steps is not None else f"{b.steps} (sdrt's)"
+    scheduler = d.scheduler or f"the checkpoint's {m.scheduler['class_name']}"
+    return f"guidance {guidance}   steps {steps}   scheduler {scheduler}"
+
+
 def render(m: Manifest, engine_dir: Path) -> str:
     h, w = m.native_resolution
     lines = [
@@ -57,6 +66,7 @@ def render(m: Manifest, engine_dir: Path) -> str:
         f"vae scaling {m.vae_scaling_factor}",
         f"tokenizer    {m.tokenizer['file']}  max_length {m.tokenizer['max_length']}",
         f"scheduler    {m.scheduler['class_name']} ({m.scheduler['prediction_type']})",
+        f"defaults     {describe_defaults(m)}",
         f"source       {m.source.get('path')}  {m.source.get('fingerprint', '')[:19]}",
         "versions     " + "  ".join(f"{k} {v}" for k, v in m.versions.items()),
     ]

@@ -7,7 +7,7 @@ the format version defined here. docs/engine-dir.md documents the same format fo
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
@@ -97,6 +97,58 @@ class LoraRecord:
     modules_changed: dict[str, int]
 
 
+class SettingError(ValueError):
+    """A bad generation setting; `setting` names the field, so a CLI can name its own flag instead."""
+
+    def __init__(self, setting: str, problem: str):
+        super().__init__(f"{setting} {problem}")
+        self.setting, self.problem = setting, problem
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Per-generation settings an engine dir recommends; None leaves the choice to the runtime.
+
+    They come from the checkpoint (its sdrt_defaults.json) or `sdrt export --default-*`. A runtime uses
+    them when the caller gives none: sdrt falls back to BUILTIN_DEFAULTS, and to the checkpoint's own
+    scheduler (scheduler.json) for `scheduler`.
+    """
+
+    guidance_scale: float | None = None
+    steps: int | None = None
+    scheduler: str | None = None  # an sdrt scheduler name, e.g. "dpmpp-2m-karras"
+
+    def __post_init__(self):
+        g, n, s = self.guidance_scale, self.steps, self.scheduler
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < float("inf")):
+            raise SettingError("guidance_scale", f"must be a number >= 0, got {g!r}")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise SettingError("steps", f"must be an integer >= 1, got {n!r}")
+        if s is not None and (not isinstance(s, str) or not s):
+            raise SettingError("scheduler", f"must be a scheduler name, got {s!r}")
+        if g is not None:
+            object.__setattr__(self, "guidance_scale", float(g))  # JSON's 3 and 3.0 are one setting
+
+    def over(self, fallback: GenerationDefaults) -> GenerationDefaults:
+        """These settings where set, `fallback`'s elsewhere."""
+        return GenerationDefaults(*(mine if mine is not None else theirs
+                                    for mine, theirs in zip(astuple(self), astuple(fallback))))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenerationDefaults:
+        """From JSON; an unknown key is refused, so a misspelt setting is never silently ignored."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown setting {', '.join(sorted(unknown))} (known: "
+                             f"{', '.join(f.name for f in fields(cls))})")
+        return cls(**d)
+
+
+# What sdrt uses when neither the caller nor the engine dir says: guidance 7.5 as diffusers' SD pipelines, and
+# 30 steps (diffusers says 50; sdrt's default has been 30 since its first release).
+BUILTIN_DEFAULTS = GenerationDefaults(guidance_scale=7.5, steps=30)
+
+
 @dataclass(frozen=True)
 class Manifest:
     family: str
@@ -110,6 +162,7 @@ class Manifest:
     source: dict  # {"path", "fingerprint", "format"}
     versions: dict[str, str]
     loras: tuple[LoraRecord, ...] = ()
+    defaults: GenerationDefaults = GenerationDefaults()
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -143,6 +196,7 @@ class Manifest:
             source=d["source"],
             versions=d["versions"],
             loras=tuple(LoraRecord(**r) for r in d.get("loras", ())),
+            defaults=GenerationDefaults.from_dict(d.get("defaults") or {}),
             format=d["format"],
             format_version=d["format_version"],
         )
@@ -157,7 +211,7 @@ class Manifest:
         try:
             d = json.loads(path.read_text())
             return cls.from_dict(d)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path} is corrupt: {e.__class__.__name__}: {e}") from None
 
 

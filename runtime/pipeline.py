@@ -20,7 +20,8 @@ import numpy as np
 from . import images
 from .backend import make_backend
 from .errors import UserError
-from .manifest import SCHEDULER_FILE, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, Manifest
+from .manifest import (BUILTIN_DEFAULTS, SCHEDULER_FILE, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER,
+                       GenerationDefaults, Manifest)
 from .schedulers import SCHEDULER_NAMES, SchedulerConfig, default_scheduler_name, make_sampler
 from .tokenizer import PromptTokenizer
 
@@ -87,9 +88,12 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         try:
-            self.default_scheduler = default_scheduler_name(scheduler_config)
+            own = GenerationDefaults(scheduler=default_scheduler_name(scheduler_config))
         except ValueError:  # the checkpoint's own class has no numpy port: a name must be given per call
-            self.default_scheduler = None
+            own = GenerationDefaults()
+        # What a call uses for a setting it leaves out: the engine dir's recommendation, else sdrt's default
+        # (and the checkpoint's own scheduler).
+        self.defaults = manifest.defaults.over(BUILTIN_DEFAULTS).over(own)
 
     @classmethod
     def load(cls, engine_dir, backend: str = "auto") -> Pipeline:
@@ -117,7 +121,9 @@ class Pipeline:
             negatives = tuple(negative_prompt)
             if len(negatives) != len(prompts):
                 raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        name = scheduler or self.default_scheduler
+        steps = self.defaults.steps if steps is None else steps
+        guidance_scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
+        name = scheduler or self.defaults.scheduler
         if name is None:
             raise UserError(f"the checkpoint's scheduler {self.scheduler_config.class_name} has no sdrt equivalent; "
                             f"choose one of: {', '.join(SCHEDULER_NAMES)}")
@@ -190,7 +196,7 @@ class Pipeline:
 
     # -- the call -------------------------------------------------------------------------------------
 
-    def __call__(self, prompt, negative_prompt=None, *, steps: int = 30, guidance_scale: float = 7.5,
+    def __call__(self, prompt, negative_prompt=None, *, steps: int | None = None, guidance_scale: float | None = None,
                  scheduler: str | None = None, seed: int | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, latents: np.ndarray | None = None,
                  image=None, strength: float = 0.8, eta: float = 0.0, output_type: str = "pil",
@@ -198,7 +204,9 @@ class Pipeline:
         """Generate images; returns PIL images, or float32 [N, H, W, 3] in [0, 1] for output_type="np".
 
         Text-to-image by default; image-to-image when `image` (a PIL image or [H, W, 3] array in [0, 1]) is
-        given, keeping `1 - strength` of it. `latents` is the initial unit-normal noise with diffusers'
+        given, keeping `1 - strength` of it. `steps`, `guidance_scale` and `scheduler` left as None take
+        `self.defaults`: the engine dir's recommended settings, else 30 steps, guidance 7.5 and the checkpoint's
+        own scheduler. `latents` is the initial unit-normal noise with diffusers'
         meaning (it is multiplied by the scheduler's initial noise sigma). `progress` shows a step bar on stderr.
         """
         if output_type not in ("pil", "np"):

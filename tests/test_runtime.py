@@ -96,6 +96,8 @@ def test_generate_numbers_several_images_and_img2img(tiny_engine, tmp_path):
         (["--init-image", "/no/such.png"], "init image not found"),
         (["--init-image", "IMG", "--strength", "0"], "--strength must be in (0, 1]"),
         (["--init-image", "IMG", "--strength", "1.5"], "--strength must be in (0, 1]"),
+        (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+        (["--guidance-scale", "nan"], "--guidance-scale must be a number >= 0, got nan"),
     ],
 )
 def test_generate_refusals(tiny_engine, tmp_path, args, needle):
