@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.manifest import SUPPORTED_FAMILIES
+from sdrt.runtime.manifest import SUPPORTED_FAMILIES, GenerationDefaults
+from sdrt.runtime.schedulers import SCHEDULER_NAMES
 
 REQUIRED_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-# The shipped demo model: `--checkpoint demo` resolves here when no folder of that name exists.
+# The shipped demo model, package data of `sdrt.demo` (the checkout's demo/ in an editable install): a path
+# that starts with `demo` and does not exist resolves inside it, from any folder (`--checkpoint demo`,
+# `--lora demo/lora/sks_kohya.safetensors`).
 DEMO_NAME = "demo"
-DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
+DEMO_PACKAGE = "sdrt.demo"
+# Optional, beside model_index.json: the checkpoint's recommended generation settings, e.g.
+# {"guidance_scale": 3.0, "steps": 25, "scheduler": "pndm"}; the engine dir carries them (manifest `defaults`).
+DEFAULTS_FILE = "sdrt_defaults.json"
 
 
 @dataclass(frozen=True)
@@ -30,13 +37,26 @@ class Checkpoint:
     model_index: dict
     unet_config: dict
     vae_config: dict
+    defaults: GenerationDefaults = GenerationDefaults()
+
+
+def _demo_dir() -> Path | None:
+    """The demo model's folder, found without importing (or byte-compiling into) it."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    locations = list(spec.submodule_search_locations or ()) if spec else []
+    return Path(locations[0]) if locations else None
+
+
+DEMO_DIR = _demo_dir()
 
 
 def resolve_path(arg: str | Path) -> Path:
+    """`arg` as given if it exists; else, if it starts with `demo`, the same path inside the shipped demo model."""
     path = Path(arg)
-    if not path.exists() and str(arg) == DEMO_NAME and DEMO_DIR.is_dir():
-        return DEMO_DIR
-    return path
+    if path.exists() or DEMO_DIR is None or not path.parts or path.parts[0] != DEMO_NAME:
+        return path
+    shipped = DEMO_DIR.joinpath(*path.parts[1:])
+    return shipped if shipped.exists() else path
 
 
 def _read_json(path: Path) -> dict:
@@ -106,13 +126,38 @@ def open_checkpoint(arg: str | Path) -> Checkpoint:
         check_weights(path / part)
     vae_config = _read_json(path / "vae" / "config.json")
     return Checkpoint(path=path, family=family, model_index=model_index, unet_config=unet_config,
-                      vae_config=vae_config)
+                      vae_config=vae_config, defaults=read_defaults(path / DEFAULTS_FILE))
+
+
+def check_defaults(defaults: GenerationDefaults, where: str) -> GenerationDefaults:
+    if defaults.scheduler is not None and defaults.scheduler not in SCHEDULER_NAMES:
+        raise UserError(f"{where}: unknown scheduler '{defaults.scheduler}' (choose from: {', '.join(SCHEDULER_NAMES)})")
+    return defaults
+
+
+def read_defaults(path: Path) -> GenerationDefaults:
+    """The checkpoint's recommended settings (DEFAULTS_FILE), or none if it has no such file."""
+    if not path.is_file():
+        return GenerationDefaults()
+    d = _read_json(path)
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object of settings, got {type(d).__name__}")
+    try:
+        return check_defaults(GenerationDefaults.from_dict(d), str(path))
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def _fingerprinted(path: Path, f: Path) -> bool:
+    """Hidden files and Python bytecode (an installed package's __pycache__) are not part of a checkpoint."""
+    parts = f.relative_to(path).parts
+    return f.is_file() and not any(p.startswith(".") or p == "__pycache__" for p in parts)
 
 
 def fingerprint(path: Path) -> str:
     """sha256 over every file's relative path and bytes: the same folder always gives the same value."""
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for f in sorted(p for p in path.rglob("*") if _fingerprinted(path, p)):
         h.update(f.relative_to(path).as_posix().encode() + b"\0")
         with f.open("rb") as fh:
             while chunk := fh.read(1 << 22):

@@ -17,6 +17,7 @@ import torch
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.manifest import LoraRecord
 
+from .checkpoint import resolve_path
 from .lora_formats import TEXT_ENCODER, UNET, LoraFile, LoraModule, read_lora
 
 SHOWN_KEYS = 3  # offending keys named in an error
@@ -127,6 +128,7 @@ def merge_loras(specs: tuple[LoraSpec, ...], modules: dict, allow_partial: bool,
     """Merge each LoRA in order into `modules` (in place, fp32); returns what the manifest records."""
     records = []
     for spec in specs:
+        spec = LoraSpec(resolve_path(spec.path), spec.scale)  # `demo/lora/...`: the shipped demo LoRA
         lora = read_lora(spec.path)
         updates = plan(lora, modules, spec.scale, allow_partial)
         changed = {UNET: 0, TEXT_ENCODER: 0}

@@ -9,10 +9,20 @@ from pathlib import Path
 import pytest
 
 
-def run_sdrt(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_sdrt(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the `sdrt` CLI in a fresh interpreter, as a user would."""
     return subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 2 and one `sdrt: error:` line on stderr that holds every needle; no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdrt: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], result.stderr
 
 
 @pytest.fixture(scope="session")

@@ -12,18 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_sdrt
+from conftest import assert_one_line_error, run_sdrt
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.manifest import Manifest
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sdrt: error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0]
 
 
 def assert_nothing_written(parent: Path, expected: set[str]) -> None:
