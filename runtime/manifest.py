@@ -135,13 +135,14 @@ class GenerationDefaults:
                                     for mine, theirs in zip(astuple(self), astuple(fallback))))
 
     @classmethod
-    def from_dict(cls, d: dict) -> GenerationDefaults:
-        """From JSON; an unknown key is refused, so a misspelt setting is never silently ignored."""
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown setting {', '.join(sorted(unknown))} (known: "
-                             f"{', '.join(f.name for f in fields(cls))})")
-        return cls(**d)
+    def from_dict(cls, d: dict, strict: bool = True) -> GenerationDefaults:
+        """From JSON. Strict (a file a person wrote): an unknown key is refused, so a misspelt setting is never
+        silently ignored. Not strict (a manifest): a setting a newer sdrt recommends is skipped, not fatal."""
+        known = [f.name for f in fields(cls)]
+        unknown = set(d) - set(known)
+        if unknown and strict:
+            raise ValueError(f"unknown setting {', '.join(sorted(unknown))} (known: {', '.join(known)})")
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # What sdrt uses when neither the caller nor the engine dir says: guidance 7.5 as diffusers' SD pipelines, and
@@ -196,7 +197,7 @@ class Manifest:
             source=d["source"],
             versions=d["versions"],
             loras=tuple(LoraRecord(**r) for r in d.get("loras", ())),
-            defaults=GenerationDefaults.from_dict(d.get("defaults") or {}),
+            defaults=GenerationDefaults.from_dict(d.get("defaults") or {}, strict=False),
             format=d["format"],
             format_version=d["format_version"],
         )

@@ -25,6 +25,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
         assert needle in lines[0], result.stderr
 
 
+def unet_batches(pipe, monkeypatch) -> list[int]:
+    """Spy on a Pipeline's backend: the list fills with the batch size of every UNet call, in order."""
+    batches = []
+    run = pipe.backend.run
+
+    def spy(name, feeds):
+        if name == "unet":
+            batches.append(feeds["sample"].shape[0])
+        return run(name, feeds)
+
+    monkeypatch.setattr(pipe.backend, "run", spy)
+    return batches
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from sdrt.export.random_model import write_random_checkpoint

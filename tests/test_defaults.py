@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, run_sdrt
+from conftest import assert_one_line_error, run_sdrt, unet_batches
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.manifest import BUILTIN_DEFAULTS, MANIFEST_FILE, GenerationDefaults, Manifest, SettingError
 
@@ -58,6 +58,9 @@ def test_manifest_carries_defaults(engine_with_defaults, tiny_engine, tmp_path):
     del d["defaults"]  # written by an sdrt from before recommended settings: none
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(d))
     assert Manifest.load(tmp_path).defaults == GenerationDefaults()
+    d["defaults"] = {"steps": 4, "clip_skip": 2}  # a setting from a newer sdrt: skipped, the rest kept
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(d))
+    assert Manifest.load(tmp_path).defaults == GenerationDefaults(steps=4)
     d["defaults"] = {"steps": "many"}
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(d))
     with pytest.raises(UserError, match="corrupt.*steps must be an integer"):
@@ -72,15 +75,7 @@ def test_pipeline_uses_engine_defaults(engine_with_defaults, tiny_engine, monkey
     assert Pipeline.load(tiny_engine).defaults == GenerationDefaults(7.5, 30, "pndm")  # sdrt's + checkpoint's
     pipe = Pipeline.load(engine_with_defaults)
     assert pipe.defaults == ENGINE_DEFAULTS
-    batches = []
-    run = pipe.backend.run
-
-    def spy(name, feeds):
-        if name == "unet":
-            batches.append(feeds["sample"].shape[0])
-        return run(name, feeds)
-
-    monkeypatch.setattr(pipe.backend, "run", spy)
+    batches = unet_batches(pipe, monkeypatch)
     implicit = pipe("a red circle", seed=3, output_type="np")
     assert batches == [1, 1, 1]  # 3 Euler steps, guidance 1: the conditional half only
     explicit = pipe("a red circle", seed=3, steps=3, guidance_scale=1.0, scheduler="euler", output_type="np")

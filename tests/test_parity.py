@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from conftest import unet_batches
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.schedulers import SCHEDULER_NAMES
 
@@ -138,15 +139,7 @@ def test_img2img_matches_diffusers(sdrt_pipe, tiny_checkpoint, shared_noise, nam
 
 
 def test_guidance_off_runs_conditional_half(sdrt_pipe, monkeypatch):
-    batches = []
-    run = sdrt_pipe.backend.run
-
-    def spy(name, feeds):
-        if name == "unet":
-            batches.append(feeds["sample"].shape[0])
-        return run(name, feeds)
-
-    monkeypatch.setattr(sdrt_pipe.backend, "run", spy)
+    batches = unet_batches(sdrt_pipe, monkeypatch)
     sdrt_pipe("a red circle", steps=2, guidance_scale=1.0, scheduler="euler", seed=0, output_type="np")
     sdrt_pipe("a red circle", steps=2, guidance_scale=7.5, scheduler="euler", seed=0, output_type="np")
     assert batches == [1, 1, 2, 2]
