@@ -48,6 +48,7 @@ class OrtBackend:
     graph optimization. A read-only engine dir just runs without the cache.
     """
 
+    name = "ort-cpu"  # what benchmarks call it
     provider = "CPUExecutionProvider"
 
     def __init__(self, engine_dir: Path, manifest: Manifest, threads: int = 0):

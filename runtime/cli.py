@@ -7,6 +7,7 @@ torch. User errors print one line and exit with code 2; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from pathlib import Path
@@ -154,6 +155,69 @@ def _run_inspect(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    from .backend import BACKENDS
+    from .bench import BASELINES, DEFAULT_PROMPT
+
+    p = sub.add_parser(
+        "bench",
+        help="measure per-stage latency and memory, against diffusers in the same run",
+        description="Time text encoding, each UNet step, VAE decode (and encode for --init-image), the runtime's "
+        "own overhead, end to end, cold start and peak memory, for sdrt on each --backend and, with --baseline, "
+        "for diffusers' own pipeline on the same weights. Each contender runs in its own process; runs alternate "
+        "between them. Prints a table; --json writes the full report (schema: benchmarks/README.md).",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR", help="engine dir written by sdrt export")
+    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=["auto"], metavar="NAME",
+                   help=f"sdrt backends to measure, from: {', '.join(BACKENDS)}")
+    p.add_argument("--baseline", choices=BASELINES, default=None,
+                   help="also measure diffusers in PyTorch on the same weights (fp32 on a CPU, fp16 + SDPA on CUDA); "
+                   "needs the export extra")
+    p.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
+                   help="the baseline's diffusers checkpoint; default: the engine dir's source")
+    p.add_argument("--height", type=int, default=None, help="image height; default: the model's native")
+    p.add_argument("--width", type=int, default=None, help="image width; default: the model's native")
+    p.add_argument("--batch", type=int, default=1, help="images per generation")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps; default: the engine dir's recommended, else {BUILTIN_DEFAULTS.steps}")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
+                   help="sampler; default: the engine dir's recommended, else the checkpoint's own")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"guidance scale; default: the engine dir's recommended, else {BUILTIN_DEFAULTS.guidance_scale}")
+    p.add_argument("--init-image", type=Path, default=None, metavar="PATH",
+                   help="measure image-to-image from this picture (adds the VAE encode stage)")
+    p.add_argument("--strength", type=float, default=0.8, help="image-to-image strength, in (0, 1]")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt every run draws")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per contender")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured runs per contender after the first image")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the report as JSON here")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from .bench import BenchRequest, render, run_bench
+
+    if args.json is not None and not args.json.resolve().parent.is_dir():
+        raise UserError(f"output folder {args.json.parent} does not exist")
+    try:
+        GenerationDefaults(args.guidance, args.steps, args.scheduler)
+    except SettingError as e:
+        flag = {"guidance_scale": "--guidance"}.get(e.setting, f"--{e.setting}")
+        raise UserError(f"{flag} {e.problem}") from None
+    report = run_bench(BenchRequest(
+        engine_dir=args.engine_dir, backends=tuple(args.backend), baseline=args.baseline, checkpoint=args.checkpoint,
+        height=args.height, width=args.width, batch=args.batch, steps=args.steps, scheduler=args.scheduler,
+        guidance_scale=args.guidance, init_image=args.init_image, strength=args.strength, prompt=args.prompt,
+        runs=args.runs, warmup=args.warmup, command=" ".join(["sdrt", *sys.argv[1:]])))
+    if args.json is not None:  # written whole or not at all
+        partial = args.json.with_name(f".{args.json.name}.partial")
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+        partial.replace(args.json)
+    print(render(report), end="")
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -175,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_inspect(sub)
     _add_generate(sub)
+    _add_bench(sub)
     return parser
 
 

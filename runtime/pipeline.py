@@ -44,6 +44,16 @@ def load_scheduler_config(path: Path) -> SchedulerConfig:
         raise UserError(f"cannot read scheduler config {path}: {e}") from None
 
 
+def resolve_defaults(manifest: Manifest, scheduler_config: SchedulerConfig) -> GenerationDefaults:
+    """What a generation uses for a setting it leaves out: the engine dir's recommendation, else sdrt's default,
+    and the checkpoint's own scheduler (None if that class has no numpy port: a name must then be given)."""
+    try:
+        own = GenerationDefaults(scheduler=default_scheduler_name(scheduler_config))
+    except ValueError:
+        own = GenerationDefaults()
+    return manifest.defaults.over(BUILTIN_DEFAULTS).over(own)
+
+
 def check_size(manifest: Manifest, height: int, width: int) -> None:
     """Refuse a size that is not a multiple of 8 or that the exported UNet's axes do not accept."""
     f = manifest.vae_scale_factor
@@ -87,13 +97,7 @@ class Pipeline:
         self.backend = backend
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
-        try:
-            own = GenerationDefaults(scheduler=default_scheduler_name(scheduler_config))
-        except ValueError:  # the checkpoint's own class has no numpy port: a name must be given per call
-            own = GenerationDefaults()
-        # What a call uses for a setting it leaves out: the engine dir's recommendation, else sdrt's default
-        # (and the checkpoint's own scheduler).
-        self.defaults = manifest.defaults.over(BUILTIN_DEFAULTS).over(own)
+        self.defaults = resolve_defaults(manifest, scheduler_config)
 
     @classmethod
     def load(cls, engine_dir, backend: str = "auto") -> Pipeline:

@@ -172,6 +172,19 @@ def test_cli_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_every_subcommand_flag_has_help():
+    import argparse
+
+    from sdrt.runtime.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == {"export", "inspect", "generate", "bench"}
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, f"sdrt {name} {action.option_strings or action.dest} has no help"
+
+
 def test_every_flag_has_help():
     r = run_sdrt("export", "--help")
     assert r.returncode == 0
