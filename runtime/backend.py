@@ -1,7 +1,7 @@
 """Engine backends: run one component with inputs checked against the manifest.
 
 `OrtBackend` runs the fp32 ONNX graphs with ONNX Runtime on the CPU. The "cuda" and "tensorrt" backends will
-implement the same `run(component, feeds)` interface.
+implement the same interface: `run(component, feeds)`, and a `name` that `sdrt bench` reports ("sdrt-<name>").
 """
 
 from __future__ import annotations

@@ -96,10 +96,8 @@ def resolve_settings(req: BenchRequest, scratch: Path) -> BenchSettings:
         raise UserError(f"--strength must be in (0, 1], got {req.strength}")
     manifest = Manifest.load(req.engine_dir)
     defaults = resolve_defaults(manifest, load_scheduler_config(req.engine_dir / manifest.scheduler["file"]))
-    try:
-        s = GenerationDefaults(req.guidance_scale, req.steps, req.scheduler).over(defaults)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    s = GenerationDefaults.from_flags({"guidance_scale": "--guidance", "steps": "--steps"}, req.guidance_scale,
+                                      req.steps, req.scheduler).over(defaults)
     if s.scheduler not in SCHEDULER_NAMES:
         raise UserError(f"give --scheduler (one of: {', '.join(SCHEDULER_NAMES)}); the checkpoint's own has no "
                         "sdrt equivalent")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .manifest import BUILTIN_DEFAULTS, COMPONENTS, GenerationDefaults, SettingError
+from .manifest import BUILTIN_DEFAULTS, COMPONENTS, GenerationDefaults
 from .schedulers import SCHEDULER_NAMES
 
 EXIT_USAGE = 2
@@ -74,11 +74,8 @@ def _run_export(args) -> int:
         from sdrt.export.lora_merge import LoraSpec
     except ImportError as e:
         raise UserError(f"sdrt export needs the export extra ({e.name} is missing): pip install 'sdrt[export]'")
-    try:
-        defaults = GenerationDefaults(args.default_guidance, args.default_steps, args.default_scheduler)
-    except SettingError as e:
-        flag = {"guidance_scale": "--default-guidance"}.get(e.setting, f"--default-{e.setting}")
-        raise UserError(f"{flag} {e.problem}") from None
+    defaults = GenerationDefaults.from_flags({"guidance_scale": "--default-guidance", "steps": "--default-steps"},
+                                             args.default_guidance, args.default_steps, args.default_scheduler)
     export(ExportOptions(checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite,
                          components=tuple(args.components), loras=tuple(LoraSpec.parse(a) for a in args.lora),
                          lora_allow_partial=args.lora_allow_partial, defaults=defaults))
@@ -200,11 +197,6 @@ def _run_bench(args) -> int:
 
     if args.json is not None and not args.json.resolve().parent.is_dir():
         raise UserError(f"output folder {args.json.parent} does not exist")
-    try:
-        GenerationDefaults(args.guidance, args.steps, args.scheduler)
-    except SettingError as e:
-        flag = {"guidance_scale": "--guidance"}.get(e.setting, f"--{e.setting}")
-        raise UserError(f"{flag} {e.problem}") from None
     report = run_bench(BenchRequest(
         engine_dir=args.engine_dir, backends=tuple(args.backend), baseline=args.baseline, checkpoint=args.checkpoint,
         height=args.height, width=args.width, batch=args.batch, steps=args.steps, scheduler=args.scheduler,

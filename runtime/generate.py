@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import images
 from .errors import UserError
-from .manifest import GenerationDefaults, Manifest, SettingError
+from .manifest import GenerationDefaults, Manifest
 from .pipeline import Pipeline, check_size
 
 
@@ -54,10 +54,8 @@ def generate(req: GenerateRequest) -> list[Path]:
         raise UserError(f"--strength must be in (0, 1], got {req.strength}")
     if req.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {req.num_images}")
-    try:
-        asked = GenerationDefaults(req.guidance_scale, req.steps, req.scheduler)
-    except SettingError as e:
-        raise UserError(f"--{e.setting.replace('_', '-')} {e.problem}") from None
+    asked = GenerationDefaults.from_flags({"guidance_scale": "--guidance-scale", "steps": "--steps"},
+                                          req.guidance_scale, req.steps, req.scheduler)
     init = images.load_image(req.init_image) if req.init_image is not None else None
     manifest = Manifest.load(req.engine_dir)
     if init is not None and (req.height is None or req.width is None):

@@ -129,6 +129,14 @@ class GenerationDefaults:
         if g is not None:
             object.__setattr__(self, "guidance_scale", float(g))  # JSON's 3 and 3.0 are one setting
 
+    @classmethod
+    def from_flags(cls, flags: dict[str, str], guidance_scale, steps, scheduler) -> GenerationDefaults:
+        """From command-line values; a bad one is a one-line UserError naming its flag (`flags`: setting -> flag)."""
+        try:
+            return cls(guidance_scale, steps, scheduler)
+        except SettingError as e:
+            raise UserError(f"{flags.get(e.setting, e.setting)} {e.problem}") from None
+
     def over(self, fallback: GenerationDefaults) -> GenerationDefaults:
         """These settings where set, `fallback`'s elsewhere."""
         return GenerationDefaults(*(mine if mine is not None else theirs
