@@ -230,8 +230,13 @@ def run_bench(req: BenchRequest, log=lambda s: print(s, file=sys.stderr)) -> dic
         try:
             for kind in kinds:
                 log(f"sdrt bench: starting {kind} (load + first image)")
-                workers.append(Worker(_worker_argv(kind, settings), kind, scratch))
-                log(f"sdrt bench: {workers[-1].name} ready, cold start {workers[-1].cold_start_s:.2f} s")
+                worker = Worker(_worker_argv(kind, settings), kind, scratch)
+                workers.append(worker)
+                if worker.name in [w.name for w in workers[:-1]]:  # "auto" resolved to a backend already listed
+                    workers.pop().close()
+                    log(f"sdrt bench: {kind} is {worker.name}, already measured")
+                    continue
+                log(f"sdrt bench: {worker.name} ready, cold start {worker.cold_start_s:.2f} s")
             baseline = workers[-1] if req.baseline else None
             check = None
             if baseline is not None:

@@ -142,3 +142,16 @@ def test_compare_renders_a_table_and_a_chart(report_file, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare.py"), str(tmp_path / "t.md")],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "cannot read" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_without_baseline_and_one_contender_per_backend(tiny_engine, tmp_path):
+    """No baseline: no ratios and no weight check. "auto" resolves to the CPU backend, so it is measured once."""
+    out = tmp_path / "r.json"
+    r = run_sdrt("bench", str(tiny_engine), "--backend", "auto", "cpu", "--steps", "2", "--runs", "1", "--warmup",
+                 "0", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "cpu is sdrt-ort-cpu, already measured" in r.stderr
+    report = json.loads(out.read_text())
+    assert [x["name"] for x in report["results"]] == [SDRT]
+    assert report["ratios"] == {} and report["same_weights"] is None and "torch" not in report["versions"]
+    _check_result(report["results"][0], TXT2IMG_STAGES, runs=1)
