@@ -8,7 +8,6 @@ export (Ctrl-C included) leaves neither the engine dir nor the temporary folder 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 import shutil
 import sys
@@ -21,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.manifest import COMPONENTS, Artifact, Component, GenerationDefaults, Manifest
+from sdrt.runtime.manifest import COMPONENTS, Artifact, Component, GenerationDefaults, Manifest, package_versions
 
 from . import assets
 from .checkpoint import check_defaults, fingerprint, load_modules, open_checkpoint
@@ -31,6 +30,7 @@ from .specs import Geometry, build_specs
 from .validate import validate_onnx
 
 ONNX_FILE = "model.onnx"
+VERSIONED = ("sdrt", "torch", "onnx", "onnxscript", "onnxruntime", "diffusers", "transformers")  # in the manifest
 SEED = 0
 
 
@@ -43,17 +43,6 @@ class ExportOptions:
     loras: tuple[LoraSpec, ...] = ()  # merged in order before tracing
     lora_allow_partial: bool = False
     defaults: GenerationDefaults = GenerationDefaults()  # recommended settings; set ones override the checkpoint's
-
-
-def _versions() -> dict[str, str]:
-    names = ("sdrt", "torch", "onnx", "onnxscript", "onnxruntime", "diffusers", "transformers")
-    out = {}
-    for n in names:
-        try:
-            out[n] = importlib.metadata.version(n)
-        except importlib.metadata.PackageNotFoundError:
-            out[n] = "unknown"
-    return out
 
 
 def geometry(modules: dict) -> Geometry:
@@ -156,7 +145,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
             scheduler=scheduler,
             components=components,
             source=dict(path=str(ckpt.path.resolve()), format="diffusers", fingerprint=fingerprint(ckpt.path)),
-            versions=_versions(),
+            versions=package_versions(VERSIONED, missing="unknown"),
             loras=loras,
             defaults=defaults,
         )

@@ -11,7 +11,6 @@ The JSON schema is documented in benchmarks/README.md.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -27,7 +26,7 @@ import numpy as np
 
 from .bench_worker import BenchSettings
 from .errors import UserError
-from .manifest import GenerationDefaults, Manifest
+from .manifest import GenerationDefaults, Manifest, package_versions
 from .schedulers import SCHEDULER_NAMES
 
 SCHEMA_VERSION = 1
@@ -83,8 +82,8 @@ def _baseline_checkpoint(req: BenchRequest, manifest: Manifest) -> Path:
     return path
 
 
-def resolve_settings(req: BenchRequest, scratch: Path) -> BenchSettings:
-    """Every setting checked and made explicit, before any worker starts."""
+def resolve_settings(req: BenchRequest, scratch: Path) -> tuple[BenchSettings, Manifest]:
+    """Every setting checked and made explicit, before any worker starts; and the engine dir's manifest."""
     from . import images  # pillow and the pipeline's imports: only once a bench runs, not for `sdrt --help`
     from .pipeline import PIXEL_MULTIPLE, check_size, load_scheduler_config, resolve_defaults
 
@@ -113,10 +112,11 @@ def resolve_settings(req: BenchRequest, scratch: Path) -> BenchSettings:
     else:
         h, w = req.height or manifest.native_resolution[0], req.width or manifest.native_resolution[1]
         check_size(manifest, h, w)
-    return BenchSettings(engine_dir=str(req.engine_dir), checkpoint=str(checkpoint) if checkpoint else None,
-                         prompt=req.prompt, negative_prompt=req.negative_prompt, height=h, width=w, batch=req.batch,
-                         steps=s.steps, scheduler=s.scheduler, guidance_scale=s.guidance_scale,
-                         init_image=str(init) if init else None, strength=req.strength)
+    settings = BenchSettings(engine_dir=str(req.engine_dir), checkpoint=str(checkpoint) if checkpoint else None,
+                             prompt=req.prompt, negative_prompt=req.negative_prompt, height=h, width=w,
+                             batch=req.batch, steps=s.steps, scheduler=s.scheduler, guidance_scale=s.guidance_scale,
+                             init_image=str(init) if init else None, strength=req.strength)
+    return settings, manifest
 
 
 # --- workers ---------------------------------------------------------------------------------------------
@@ -210,21 +210,10 @@ def _machine() -> dict:
             "python": platform.python_version(), "gpu": gpu}
 
 
-def _versions(with_baseline: bool) -> dict:
-    names = ["sdrt", "numpy", "onnxruntime"] + (["torch", "diffusers", "transformers"] if with_baseline else [])
-    out = {}
-    for n in names:
-        try:
-            out[n] = importlib.metadata.version(n)
-        except importlib.metadata.PackageNotFoundError:
-            out[n] = None
-    return out
-
-
 def run_bench(req: BenchRequest, log=lambda s: print(s, file=sys.stderr)) -> dict:
     with tempfile.TemporaryDirectory(prefix="sdrt-bench-") as tmp:
         scratch = Path(tmp)
-        settings = resolve_settings(req, scratch)
+        settings, m = resolve_settings(req, scratch)
         kinds = list(dict.fromkeys(req.backends)) + ([req.baseline] if req.baseline else [])
         workers: list[Worker] = []
         try:
@@ -241,7 +230,6 @@ def run_bench(req: BenchRequest, log=lambda s: print(s, file=sys.stderr)) -> dic
             check = None
             if baseline is not None:
                 tolerance = SAME_WEIGHTS_FP16 if "fp16" in baseline.name else SAME_WEIGHTS_FP32
-                m = Manifest.load(req.engine_dir)
                 shape = (1, m.latent_channels, settings.height // m.vae_scale_factor, settings.width // m.vae_scale_factor)
                 check = same_weights(workers, baseline, shape, scratch, tolerance)
             runs: dict[Worker, list[dict]] = {w: [] for w in workers}
@@ -260,7 +248,8 @@ def run_bench(req: BenchRequest, log=lambda s: print(s, file=sys.stderr)) -> dic
         "benchmark": "sdrt-bench",
         "schema_version": SCHEMA_VERSION,
         "machine": _machine(),
-        "versions": _versions(req.baseline is not None),
+        "versions": package_versions(["sdrt", "numpy", "onnxruntime"]
+                                     + (list(HEAVY_FOR_BASELINE) if req.baseline else [])),
         "settings": {**settings.__dict__, "model": Path(req.engine_dir).resolve().name, "runs": req.runs,
                      "warmup": req.warmup, "init_image": str(req.init_image) if req.init_image else None},
         "command": req.command,

@@ -224,6 +224,19 @@ class Manifest:
             raise UserError(f"{path} is corrupt: {e.__class__.__name__}: {e}") from None
 
 
+def package_versions(names, missing=None) -> dict:
+    """Installed version of each distribution, `missing` where it is not installed (manifest and bench reports)."""
+    import importlib.metadata
+
+    out = {}
+    for n in names:
+        try:
+            out[n] = importlib.metadata.version(n)
+        except importlib.metadata.PackageNotFoundError:
+            out[n] = missing
+    return out
+
+
 def _tensor(d: dict) -> TensorSpec:
     return TensorSpec(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
 
