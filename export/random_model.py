@@ -1,117 +1,128 @@
-"""Random-weight SD 1.x checkpoints with the real diffusers/transformers architectures.
+"""Random-weight Stable Diffusion checkpoints with the real diffusers/transformers architectures.
 
-No weights can be downloaded here, so tests build `tiny` models in seconds and benchmarks build `sd15`, the
-full-size SD 1.5 architecture, to measure memory and speed. Both are written as ordinary diffusers folders
-(safetensors), exactly what `sdrt export --checkpoint` reads.
+No weights can be downloaded here, so tests build the `tiny*` models in seconds and benchmarks build the
+full-size architectures (`sd15`, `sd21-768`, `sdxl`, `taiyi`) to measure memory and speed. All are written as
+ordinary diffusers folders (safetensors) that diffusers' own pipelines load with `from_pretrained`, exactly what
+`sdrt export --checkpoint` reads. A family is data (`RandomModelConfig`) plus the small builders below.
+
+Components are built and saved one at a time, so a full-size SDXL UNet (10.3 GB in fp32) never shares memory
+with the rest; model_index.json comes from the pipeline class itself, built around weightless (meta) modules.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import gc
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-# Special tokens of the CLIP BPE vocabulary (openai/clip-vit-large-patch14).
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+from sdrt.export.random_tokenizers import BOS, EOS, OPENCLIP_PAD, bytes_to_unicode, write_bert_tokenizer
+from sdrt.export.random_tokenizers import write_clip_tokenizer
+
+__all__ = ["BOS", "EOS", "CONFIGS", "RandomModelConfig", "bytes_to_unicode", "write_random_checkpoint"]
+
+
+@dataclass(frozen=True)
+class UNetSize:
+    channels: tuple[int, ...]
+    layers_per_block: int
+    head_dim: int | tuple[int, ...]  # diffusers' `attention_head_dim`; SD 2.x/SDXL store heads per block here
+    sample_size: int  # latent side at the native resolution
+    cross_attention: tuple[bool, ...]  # per down block; up blocks mirror it
+    transformer_layers: int | tuple[int, ...] = 1
+    linear_projection: bool = False  # SD 2.x/SDXL: proj_in/proj_out are Linear, not 1x1 Conv
+    upcast_attention: bool = False  # SD 2.1: attention scores in fp32
+    time_embed_dim: int = 0  # SDXL `addition_time_embed_dim`; 0: no text_time conditioning
+
+
+@dataclass(frozen=True)
+class VaeSize:
+    channels: tuple[int, ...]
+    layers_per_block: int
+    scaling_factor: float = 0.18215
+    force_upcast: bool = True  # diffusers' default; SDXL's VAE overflows in fp16
+
+
+@dataclass(frozen=True)
+class TextSize:
+    model: str  # transformers class: a key of TEXT_ENCODERS
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int = 0  # 0: the size of the generated tokenizer vocabulary; else the real (larger) table size
+    act: str = "quick_gelu"
+    projection_dim: int = 0  # 0: = hidden
+    pad: str = EOS  # CLIP pad token; OpenCLIP's encoders pad with "!"
+    max_positions: int = 77
 
 
 @dataclass(frozen=True)
 class RandomModelConfig:
-    """Architecture sizes of one random SD 1.x checkpoint."""
+    """Architecture of one random checkpoint: sizes, its diffusers pipeline and scheduler."""
 
-    unet_channels: tuple[int, ...]
-    unet_layers_per_block: int
-    unet_head_dim: int
-    unet_sample_size: int  # latent side at the native resolution
-    vae_channels: tuple[int, ...]
-    vae_layers_per_block: int
-    text_hidden: int
-    text_layers: int
-    text_heads: int
-    text_intermediate: int
-    text_vocab: int  # 0: the size of the generated tokenizer vocabulary
+    unet: UNetSize
+    vae: VaeSize
+    text: tuple[TextSize, ...]  # text_encoder, text_encoder_2, ... in pipeline order
+    scheduler: str  # key of SCHEDULERS
+    pipeline: str = "sd"  # key of PIPELINES
     norm_groups: int = 32
 
 
+SD1_UNET = UNetSize((320, 640, 1280, 1280), 2, 8, 64, (True, True, True, False))
+SD_VAE = VaeSize((128, 256, 512, 512), 2)
+TINY_UNET = UNetSize((32, 64), 1, 8, 8, (True, False))
+TINY_VAE = VaeSize((32, 32, 32, 32), 1)  # four blocks: the SD latent factor 8
+TINY_CLIP = TextSize("CLIPTextModel", 32, 2, 4, 37)
+TINY_SD2_UNET = UNetSize((32, 64), 1, (2, 4), 8, (True, False), linear_projection=True, upcast_attention=True)
+TINY_SD2_CLIP = TextSize("CLIPTextModel", 32, 2, 4, 37, act="gelu", pad=OPENCLIP_PAD)
+
 CONFIGS = {
     # Real block types and cross-attention; 64 px native, 8x8 latents, VAE factor 8 like SD 1.x.
-    "tiny": RandomModelConfig(
-        unet_channels=(32, 64),
-        unet_layers_per_block=1,
-        unet_head_dim=8,
-        unet_sample_size=8,
-        vae_channels=(32, 32, 32, 32),
-        vae_layers_per_block=1,
-        text_hidden=32,
-        text_layers=2,
-        text_heads=4,
-        text_intermediate=37,
-        text_vocab=0,
-    ),
+    "tiny": RandomModelConfig(TINY_UNET, TINY_VAE, (TINY_CLIP,), "pndm"),
     # stable-diffusion-v1-5 configs (unet/vae/text_encoder config.json).
-    "sd15": RandomModelConfig(
-        unet_channels=(320, 640, 1280, 1280),
-        unet_layers_per_block=2,
-        unet_head_dim=8,
-        unet_sample_size=64,
-        vae_channels=(128, 256, 512, 512),
-        vae_layers_per_block=2,
-        text_hidden=768,
-        text_layers=12,
-        text_heads=12,
-        text_intermediate=3072,
-        text_vocab=49408,
-    ),
+    "sd15": RandomModelConfig(SD1_UNET, SD_VAE, (TextSize("CLIPTextModel", 768, 12, 12, 3072, vocab=49408),), "pndm"),
+    # SD 2.x base (512): linear projections, heads per block, OpenCLIP-style text encoder (gelu, pad "!").
+    "tiny-sd2": RandomModelConfig(TINY_SD2_UNET, TINY_VAE, (TINY_SD2_CLIP,), "pndm"),
+    # SD 2.1 (768, v-prediction): the same at a larger native size, 96 px vs 64 px.
+    "tiny-sd2-v": RandomModelConfig(replace(TINY_SD2_UNET, sample_size=12), TINY_VAE, (TINY_SD2_CLIP,), "ddim-v"),
+    # stabilityai/stable-diffusion-2-1: OpenCLIP ViT-H text tower converted without its last block (23 layers).
+    "sd21-768": RandomModelConfig(
+        UNetSize((320, 640, 1280, 1280), 2, (5, 10, 20, 20), 96, (True, True, True, False),
+                 linear_projection=True, upcast_attention=True),
+        SD_VAE,
+        (TextSize("CLIPTextModel", 1024, 23, 16, 4096, vocab=49408, act="gelu", projection_dim=512,
+                  pad=OPENCLIP_PAD),),
+        "ddim-v"),
+    # diffusers' tiny SDXL test UNet; the encoders differ in width (32 vs 48, projection 40) so concat-order
+    # and pooled-vs-hidden mix-ups change shapes instead of passing silently.
+    "tiny-sdxl": RandomModelConfig(
+        UNetSize((32, 64), 2, (2, 4), 8, (False, True), transformer_layers=(1, 2), linear_projection=True,
+                 time_embed_dim=8),
+        VaeSize((32, 32, 32, 32), 1, scaling_factor=0.13025),
+        (TINY_CLIP, TextSize("CLIPTextModelWithProjection", 48, 2, 4, 37, act="gelu", projection_dim=40,
+                             pad=OPENCLIP_PAD)),
+        "euler-leading", pipeline="sdxl"),
+    # stabilityai/stable-diffusion-xl-base-1.0: CLIP-L + OpenCLIP bigG, cross 768 + 1280 = 2048.
+    "sdxl": RandomModelConfig(
+        UNetSize((320, 640, 1280), 2, (5, 10, 20), 128, (False, True, True), transformer_layers=(1, 2, 10),
+                 linear_projection=True, time_embed_dim=256),
+        VaeSize((128, 256, 512, 512), 2, scaling_factor=0.13025),
+        (TextSize("CLIPTextModel", 768, 12, 12, 3072, vocab=49408),
+         TextSize("CLIPTextModelWithProjection", 1280, 32, 20, 5120, vocab=49408, act="gelu", projection_dim=1280,
+                  pad=OPENCLIP_PAD)),
+        "euler-leading", pipeline="sdxl"),
+    # IDEA-CCNL Taiyi: the SD 1.x UNet/VAE conditioned on a Chinese BERT (512 tokens, no attention mask).
+    "tiny-taiyi": RandomModelConfig(TINY_UNET, TINY_VAE, (TextSize("BertModel", 32, 2, 4, 37, max_positions=512),),
+                                    "pndm"),
+    "taiyi": RandomModelConfig(
+        SD1_UNET, SD_VAE, (TextSize("BertModel", 768, 12, 12, 3072, vocab=21128, max_positions=512),), "pndm"),
 }
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP reversible byte -> printable unicode map (the base alphabet of CLIP's BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def write_clip_tokenizer(folder: Path, words: tuple[str, ...] = ("a", "red", "circle", "photo", "of", "cat")) -> int:
-    """Write a small CLIP BPE tokenizer (vocab.json + merges.txt layout); returns the vocabulary size.
-
-    The vocabulary is built the way CLIP builds its own: the 256 byte symbols, the same with `</w>`, the merges,
-    then the two special tokens. A handful of merges spell `words` so that common prompts are short.
-    """
-    from transformers import CLIPTokenizer
-
-    alphabet = list(bytes_to_unicode().values())
-    vocab = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[str] = []
-    for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pair = f"{symbols[0]} {symbols[1]}"
-            merged = symbols[0] + symbols[1]
-            if pair not in merges:
-                merges.append(pair)
-                vocab.append(merged)
-            symbols = [merged] + symbols[2:]
-    vocab += [BOS, EOS]
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
-    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77)
-    tokenizer.save_pretrained(folder)
-    return len(vocab)
-
-
 def sd1_scheduler_config() -> dict:
-    """The PNDM scheduler config that ships with stable-diffusion-v1-5."""
+    """The PNDM scheduler config that ships with stable-diffusion-v1-5 (also SD 2.x base and Taiyi)."""
     return dict(
         beta_start=0.00085,
         beta_end=0.012,
@@ -124,77 +135,211 @@ def sd1_scheduler_config() -> dict:
     )
 
 
-def build_components(name: str, seed: int = 0, tokenizer_dir: Path | None = None) -> dict:
-    """Instantiate the diffusers/transformers modules of random model `name` with seeded weights."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def sd2_v_scheduler_config() -> dict:
+    """The DDIM scheduler config that ships with stable-diffusion-2-1 (768, v-prediction)."""
+    return dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
 
-    cfg = CONFIGS[name]
-    torch.manual_seed(seed)
-    vocab = cfg.text_vocab
-    if tokenizer_dir is not None:
-        vocab = max(vocab, write_clip_tokenizer(tokenizer_dir))
-    n_unet = len(cfg.unet_channels)
-    unet = UNet2DConditionModel(
-        sample_size=cfg.unet_sample_size,
+
+def sdxl_scheduler_config() -> dict:
+    """The Euler scheduler config that ships with stable-diffusion-xl-base-1.0."""
+    return dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        interpolation_type="linear",
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+        use_karras_sigmas=False,
+    )
+
+
+# name -> (diffusers scheduler class, its config)
+SCHEDULERS = {
+    "pndm": ("PNDMScheduler", sd1_scheduler_config),
+    "ddim-v": ("DDIMScheduler", sd2_v_scheduler_config),
+    "euler-leading": ("EulerDiscreteScheduler", sdxl_scheduler_config),
+}
+
+
+def build_unet(cfg: RandomModelConfig):
+    from diffusers import UNet2DConditionModel
+
+    u = cfg.unet
+    # SDXL's added conditioning: 6 micro-conditioning ids (sizes, crop), each Fourier-embedded to
+    # time_embed_dim, concatenated with the last encoder's pooled projection.
+    text_time = dict(addition_embed_type="text_time", addition_time_embed_dim=u.time_embed_dim,
+                     projection_class_embeddings_input_dim=6 * u.time_embed_dim + _projection_dim(cfg.text[-1]))
+    return UNet2DConditionModel(
+        sample_size=u.sample_size,
         in_channels=4,
         out_channels=4,
-        block_out_channels=cfg.unet_channels,
-        layers_per_block=cfg.unet_layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * (n_unet - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_unet - 1),
-        cross_attention_dim=cfg.text_hidden,
-        attention_head_dim=cfg.unet_head_dim,
+        block_out_channels=u.channels,
+        layers_per_block=u.layers_per_block,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.cross_attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.cross_attention)),
+        cross_attention_dim=sum(t.hidden for t in cfg.text),  # SDXL concatenates both encoders' states
+        attention_head_dim=u.head_dim,
+        transformer_layers_per_block=u.transformer_layers,
+        use_linear_projection=u.linear_projection,
+        upcast_attention=u.upcast_attention,
         norm_num_groups=cfg.norm_groups,
+        **(text_time if u.time_embed_dim else {}),
     )
-    n_vae = len(cfg.vae_channels)
-    vae = AutoencoderKL(
+
+
+def build_vae(cfg: RandomModelConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae.channels)
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n_vae,
-        up_block_types=("UpDecoderBlock2D",) * n_vae,
-        block_out_channels=cfg.vae_channels,
-        layers_per_block=cfg.vae_layers_per_block,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae.channels,
+        layers_per_block=cfg.vae.layers_per_block,
         latent_channels=4,
         norm_num_groups=cfg.norm_groups,
-        sample_size=cfg.unet_sample_size * 2 ** (n_vae - 1),
-        scaling_factor=0.18215,
+        sample_size=cfg.unet.sample_size * 2 ** (n - 1),
+        scaling_factor=cfg.vae.scaling_factor,
+        force_upcast=cfg.vae.force_upcast,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
+
+
+def _projection_dim(t: TextSize) -> int:
+    return t.projection_dim or t.hidden
+
+
+def _clip_text_model(t: TextSize, tokenizer):
+    import transformers
+
+    vocab = max(t.vocab, len(tokenizer))
+    return getattr(transformers, t.model)(
+        transformers.CLIPTextConfig(
             vocab_size=vocab,
-            hidden_size=cfg.text_hidden,
-            intermediate_size=cfg.text_intermediate,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.text_heads,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=cfg.text_hidden,
-            bos_token_id=vocab - 2,
-            eos_token_id=vocab - 1,
-            pad_token_id=vocab - 1,
+            hidden_size=t.hidden,
+            intermediate_size=t.intermediate,
+            num_hidden_layers=t.layers,
+            num_attention_heads=t.heads,
+            max_position_embeddings=t.max_positions,
+            hidden_act=t.act,
+            projection_dim=_projection_dim(t),
+            # The tokenizer's ids even when the table is the real, larger size: CLIP pools the hidden state at
+            # the eos position, so an id the tokenizer never emits would pool the BOS token for every prompt.
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     )
-    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                scheduler=PNDMScheduler(**sd1_scheduler_config()))
+
+
+def _bert_model(t: TextSize, tokenizer):
+    from transformers import BertConfig, BertModel
+
+    # Taiyi's text_encoder/config.json values beyond the sizes.
+    return BertModel(
+        BertConfig(
+            vocab_size=max(t.vocab, len(tokenizer)),
+            hidden_size=t.hidden,
+            num_hidden_layers=t.layers,
+            num_attention_heads=t.heads,
+            intermediate_size=t.intermediate,
+            hidden_act="gelu",
+            max_position_embeddings=t.max_positions,
+            type_vocab_size=2,
+            pad_token_id=tokenizer.pad_token_id,
+            layer_norm_eps=1e-12,
+        )
+    )
+
+
+def _clip_tokenizer(folder: Path, t: TextSize) -> None:
+    write_clip_tokenizer(folder, pad=t.pad)
+
+
+def _bert_tokenizer(folder: Path, t: TextSize) -> None:
+    write_bert_tokenizer(folder, model_max_length=t.max_positions)  # Taiyi pads prompts to all 512 positions
+
+
+# transformers text-encoder class -> (model builder, tokenizer writer, transformers tokenizer class)
+TEXT_ENCODERS = {
+    "CLIPTextModel": (_clip_text_model, _clip_tokenizer, "CLIPTokenizer"),
+    "CLIPTextModelWithProjection": (_clip_text_model, _clip_tokenizer, "CLIPTokenizer"),
+    "BertModel": (_bert_model, _bert_tokenizer, "BertTokenizer"),
+}
+
+
+def _sd_pipeline(parts: dict):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                   **parts)
+
+
+def _sdxl_pipeline(parts: dict):
+    from diffusers import StableDiffusionXLPipeline
+
+    # add_watermarker=False: the watermark package is optional and not part of model_index.json.
+    return StableDiffusionXLPipeline(force_zeros_for_empty_prompt=True, add_watermarker=False, **parts)
+
+
+PIPELINES = {"sd": _sd_pipeline, "sdxl": _sdxl_pipeline}
+
+
+def _component_names(cfg: RandomModelConfig) -> list[tuple[str, str]]:
+    """(text_encoder, tokenizer) folder names in pipeline order: text_encoder, text_encoder_2, ..."""
+    suffixes = [""] + [f"_{i}" for i in range(2, len(cfg.text) + 1)]
+    return [(f"text_encoder{s}", f"tokenizer{s}") for s in suffixes]
+
+
+def module_builders(cfg: RandomModelConfig, tokenizers: dict) -> dict:
+    """Builders of the weighted modules, in the order that fixes which random numbers each gets."""
+    builders = {"unet": lambda: build_unet(cfg), "vae": lambda: build_vae(cfg)}
+    for t, (enc, tok) in zip(cfg.text, _component_names(cfg)):
+        builders[enc] = lambda t=t, tok=tok: TEXT_ENCODERS[t.model][0](t, tokenizers[tok])
+    return builders
 
 
 def write_random_checkpoint(folder: Path, name: str = "tiny", seed: int = 0) -> Path:
-    """Write a diffusers-format SD 1.x folder with random weights; returns `folder`."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
+    """Write a diffusers-format folder of random model `name` (a CONFIGS key); returns `folder`."""
+    import diffusers
+    import transformers
 
+    cfg = CONFIGS[name]
     folder = Path(folder)
-    tokenizer_dir = folder / "tokenizer"
-    parts = build_components(name, seed, tokenizer_dir)
-    pipe = StableDiffusionPipeline(
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        **parts,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
+    tokenizers = {}
+    for t, (_, tok) in zip(cfg.text, _component_names(cfg)):
+        _, write_tokenizer, tokenizer_cls = TEXT_ENCODERS[t.model]
+        write_tokenizer(folder / tok, t)
+        tokenizers[tok] = getattr(transformers, tokenizer_cls).from_pretrained(folder / tok)
+    builders = module_builders(cfg, tokenizers)
+    torch.manual_seed(seed)
+    for component, build in builders.items():
+        module = build().eval()
+        # The arguments DiffusionPipeline.save_pretrained passes: transformers 5 always writes safetensors (it
+        # has no safe_serialization) and wants save_peft_format=False.
+        is_transformers = isinstance(module, transformers.PreTrainedModel)
+        module.save_pretrained(folder / component,
+                               **({"save_peft_format": False} if is_transformers else {"safe_serialization": True}))
+        del module
+        gc.collect()  # the next full-size component must not share RAM with this one
+    scheduler_cls, scheduler_config = SCHEDULERS[cfg.scheduler]
+    scheduler = getattr(diffusers, scheduler_cls)(**scheduler_config())
+    scheduler.save_pretrained(folder / "scheduler")
+    with torch.device("meta"):  # weightless stand-ins: only their classes reach model_index.json
+        modules = {component: build() for component, build in builders.items()}
+    PIPELINES[cfg.pipeline](dict(modules, scheduler=scheduler, **tokenizers)).save_config(folder)
     return folder
 
 
@@ -203,11 +348,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(
         prog="python -m sdrt.export.random_model",
-        description="Write a random-weight SD 1.x diffusers checkpoint (real architecture, no download).",
+        description="Write a random-weight Stable Diffusion diffusers checkpoint (real architecture, no download).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("out", type=Path, help="folder to create")
-    p.add_argument("--model", choices=sorted(CONFIGS), default="tiny", help="architecture size")
+    p.add_argument("--model", choices=sorted(CONFIGS), default="tiny", help="architecture family and size")
     p.add_argument("--seed", type=int, default=0, help="torch seed of the random weights")
     args = p.parse_args(argv)
     if args.out.exists():
