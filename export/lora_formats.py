@@ -2,10 +2,12 @@
 
 Formats, detected from the keys (research/lora_taiyi_schedulers.md §1):
 - `kohya`: kohya-ss / A1111, `lora_unet_<path_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`;
+  `lora_te_` / `lora_te1_` name the text encoder, `lora_te2_` SDXL's second one (SDXL UNet names: lora_sgm.py);
 - `diffusers-attn-procs`: legacy `unet.save_attn_procs`, `<blk>.attn1.processor.to_q_lora.down.weight`, no alpha
   (diffusers >= 0.40 silently loads nothing from these files; we do);
 - `diffusers`: 0.21-0.26 non-PEFT, `unet.<module>.lora.down.weight`, `text_encoder.<module>.lora_linear_layer.*`;
 - `peft`: `unet.<module>.lora_A.weight` / `lora_B.weight`, alpha from the `lora_adapter_metadata` header.
+The diffusers and PEFT formats prefix keys with the component: `unet.`, `text_encoder.`, `text_encoder_2.`.
 LyCORIS LoHa/LoKr, LoCon-CP (`lora_mid`) and DoRA are refused by name rather than merged wrongly.
 """
 
@@ -23,7 +25,11 @@ import torch
 
 from sdrt.runtime.errors import UserError
 
-UNET, TEXT_ENCODER = "unet", "text_encoder"
+UNET, TEXT_ENCODER, TEXT_ENCODER_2 = "unet", "text_encoder", "text_encoder_2"
+COMPONENTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)  # the order of log lines and manifest records
+# kohya name prefixes per component (sd-scripts lora.py: `lora_te` for SD1/SD2, `lora_te1`/`lora_te2` for SDXL).
+KOHYA_PREFIXES = {UNET: ("lora_unet_",), TEXT_ENCODER: ("lora_te_", "lora_te1_"), TEXT_ENCODER_2: ("lora_te2_",)}
+_ANY_KOHYA = tuple(p for prefixes in KOHYA_PREFIXES.values() for p in prefixes)
 # Key fragments of formats whose merge is not the LoRA product (named in the error).
 UNSUPPORTED = {
     ".hada_": "LyCORIS LoHa",
@@ -32,10 +38,14 @@ UNSUPPORTED = {
     ".lora_magnitude_vector": "DoRA",
     ".lora_mid.": "LoCon with CP decomposition (lora_mid)",
 }
-# Legacy attn-procs projection names -> module names, per component.
+# Legacy attn-procs projection names -> module names, per component. diffusers wrote text-encoder entries only
+# for CLIP (`text_encoder_attn_modules` raises for any other class), so a BERT text encoder gets CLIP names,
+# which match nothing there and are reported.
+_CLIP_PROJ = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
 LEGACY_PROJ = {
     UNET: {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"},
-    TEXT_ENCODER: {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"},
+    TEXT_ENCODER: _CLIP_PROJ,
+    TEXT_ENCODER_2: _CLIP_PROJ,
 }
 
 
@@ -43,7 +53,7 @@ LEGACY_PROJ = {
 class LoraModule:
     """One low-rank update: W += scale * alpha_scale * up @ down (conv shapes included)."""
 
-    component: str  # "unet" or "text_encoder"
+    component: str  # one of COMPONENTS
     name: str  # the name as the file spells it (kohya: lora_unet_..., else the module path)
     down: torch.Tensor  # [r, in(, kh, kw)]
     up: torch.Tensor  # [out, r(, 1, 1)]
@@ -95,7 +105,7 @@ def detect_format(keys: list[str]) -> str:
     for fragment, name in UNSUPPORTED.items():
         if any(fragment in k for k in keys):
             raise UserError(f"unsupported LoRA format: {name} (sdrt merges LoRA and LoCon)")
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+    if any(k.startswith(_ANY_KOHYA) for k in keys):
         return "kohya"
     if any(re.search(r"\.to_(q|k|v|out)_lora\.(down|up)\.weight$", k) for k in keys):
         return "diffusers-attn-procs"
@@ -108,9 +118,9 @@ def detect_format(keys: list[str]) -> str:
 
 def _component(key: str) -> tuple[str, str]:
     """(component, key without its component prefix); unprefixed keys belong to the UNet (legacy files)."""
-    for prefix, comp in (("unet.", UNET), ("text_encoder.", TEXT_ENCODER)):
-        if key.startswith(prefix):
-            return comp, key[len(prefix):]
+    for comp in COMPONENTS:
+        if key.startswith(comp + "."):
+            return comp, key[len(comp) + 1:]
     return UNET, key
 
 
@@ -149,8 +159,7 @@ def _peft_alpha(metadata: dict[str, str]):
     meta = json.loads(raw) if raw else {}
 
     def alpha_of(module: str, rank: int) -> tuple[float, None]:
-        comp, name = _component(module)
-        prefix = "unet" if comp == UNET else "text_encoder"
+        prefix, name = _component(module)  # header keys carry the component prefix
         if meta.get(f"{prefix}.use_dora"):
             raise UserError("unsupported LoRA format: DoRA (sdrt merges LoRA and LoCon)")
         alpha = meta.get(f"{prefix}.lora_alpha", rank)
@@ -169,10 +178,10 @@ def read_lora(path: Path) -> LoraFile:
         raise UserError(f"LoRA file {path} is empty")
     fmt = detect_format(list(sd))
     if fmt == "kohya":
-        modules, used = _pairs(sd, r"(lora_(?:unet|te\d?)_.+)\.lora_(down|up)\.weight",
+        modules, used = _pairs(sd, r"(lora_(?:unet|te[12]?)_.+)\.lora_(down|up)\.weight",
                                lambda m, r: _stored_alpha(sd, f"{m}.alpha", r))
-        modules = [LoraModule(TEXT_ENCODER if m.name.startswith("lora_te") else UNET, m.name, m.down, m.up,
-                              m.alpha_scale, m.keys) for m in modules]
+        modules = [LoraModule(_kohya_component(m.name), m.name, m.down, m.up, m.alpha_scale, m.keys)
+                   for m in modules]
     elif fmt == "diffusers-attn-procs":
         modules, used = _pairs(sd, r"(.+\.to_(?:q|k|v|out)_lora)\.(down|up)\.weight", lambda m, r: (1.0, None))
         modules = [_legacy_module(m) for m in modules]
@@ -182,6 +191,10 @@ def read_lora(path: Path) -> LoraFile:
     else:
         modules, used = _pairs(sd, r"(.+)\.lora_([AB])\.weight", _peft_alpha(metadata))
     return LoraFile(Path(path), fmt, tuple(modules), tuple(sorted(set(sd) - used)), kohya_names=fmt == "kohya")
+
+
+def _kohya_component(name: str) -> str:
+    return next(comp for comp, prefixes in KOHYA_PREFIXES.items() if name.startswith(prefixes))
 
 
 def _legacy_module(m: LoraModule) -> LoraModule:

@@ -1,6 +1,9 @@
 """Merge LoRA files into the torch weights before tracing, so engines run at full speed with no extra layers.
 
 W <- W + scale * (alpha / rank) * up @ down, in fp32, for Linear, 1x1 conv and kxk LoCon conv weights.
+The components are whichever of unet / text_encoder / text_encoder_2 the checkpoint has (SD1, SD2 and Taiyi,
+whose text encoder is a BertModel: the first two; SDXL: all three). LoRA keys are looked up by the module names
+of those torch modules, so a key for a component the checkpoint lacks is just a key that matches nothing.
 Never silent: every LoRA reports the modules it changed per component, and keys that match nothing, shapes
 that do not fit, or leftover keys (unless allowed) fail the export naming the first few offenders.
 """
@@ -18,7 +21,8 @@ from sdrt.runtime.errors import UserError
 from sdrt.runtime.manifest import LoraRecord
 
 from .checkpoint import resolve_path
-from .lora_formats import TEXT_ENCODER, UNET, LoraFile, LoraModule, read_lora
+from .lora_formats import COMPONENTS, KOHYA_PREFIXES, UNET, LoraFile, LoraModule, read_lora
+from .lora_sgm import sgm_module_names, uses_sgm_names
 
 SHOWN_KEYS = 3  # offending keys named in an error
 
@@ -41,22 +45,36 @@ class LoraSpec:
 
 
 def _aliases(component: str, name: str) -> tuple[str, ...]:
-    """LoRA files name CLIP modules `text_model.encoder...`; transformers 5 drops the `text_model.` level."""
-    if component != TEXT_ENCODER:
+    """LoRA files name CLIP modules `text_model.encoder...`; transformers 5 drops the `text_model.` level in
+    CLIPTextModel (CLIPTextModelWithProjection keeps it), so text-encoder names are known both ways."""
+    if component == UNET:
         return (name,)
     bare = name.removeprefix("text_model.")
     return (bare, "text_model." + bare)
 
 
+def present_components(modules: dict) -> tuple[str, ...]:
+    """The LoRA-targetable components this checkpoint has, in COMPONENTS order (SDXL refiners lack one)."""
+    return tuple(c for c in COMPONENTS if modules.get(c) is not None)
+
+
 def module_table(modules: dict, kohya: bool) -> dict[str, dict[str, torch.nn.Module]]:
-    """Linear/Conv2d modules per component by the names LoRA files use (kohya: `lora_unet_a_b_c`)."""
+    """Linear/Conv2d modules per component present, by the names LoRA files use (kohya: `lora_unet_a_b_c`,
+    and for an SDXL UNet also its SGM names, `lora_unet_input_blocks_4_1_...`)."""
     tables = {}
-    for comp, prefix in ((UNET, "lora_unet_"), (TEXT_ENCODER, "lora_te_")):
+    for comp in present_components(modules):
+        model = modules[comp]
+        sgm = sgm_module_names(model) if kohya and comp == UNET and uses_sgm_names(model) else {}
         table = {}
-        for n, m in modules[comp].named_modules():
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                for alias in _aliases(comp, n):
-                    table[prefix + alias.replace(".", "_") if kohya else alias] = m
+        for n, m in model.named_modules():
+            if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            names = _aliases(comp, n) + ((sgm[n],) if n in sgm else ())
+            for alias in names:
+                if kohya:
+                    table.update({prefix + alias.replace(".", "_"): m for prefix in KOHYA_PREFIXES[comp]})
+                else:
+                    table[alias] = m
         tables[comp] = table
     return tables
 
@@ -80,12 +98,14 @@ def delta_weight(m: LoraModule, shape: torch.Size) -> torch.Tensor | None:
     return delta.reshape(shape)  # Linear LoRA on a 1x1 conv (SD1 proj_in/out) and the reverse
 
 
-def _name_keys(mods: list[LoraModule]) -> str:
-    return ", ".join(m.keys[0] for m in mods[:SHOWN_KEYS]) + (", ..." if len(mods) > SHOWN_KEYS else "")
+def _first(keys: list[str]) -> str:
+    return ", ".join(keys[:SHOWN_KEYS]) + (", ..." if len(keys) > SHOWN_KEYS else "")
 
 
-def plan(lora: LoraFile, modules: dict, scale: float, allow_partial: bool) -> list[tuple[torch.nn.Module, torch.Tensor]]:
-    """Check the whole file against the checkpoint; returns (module, weight update) pairs, nothing applied."""
+def plan(lora: LoraFile, modules: dict, scale: float,
+         allow_partial: bool) -> tuple[list[tuple[torch.nn.Module, torch.Tensor]], list[str]]:
+    """Check the whole file against the checkpoint; returns (module, weight update) pairs and the keys left
+    unmerged (only with allow_partial), nothing applied."""
     tables = module_table(modules, lora.kohya_names)
     name = lora.path.name
     unknown, misfit, updates = [], [], []
@@ -99,9 +119,11 @@ def plan(lora: LoraFile, modules: dict, scale: float, allow_partial: bool) -> li
             misfit.append((m, target))
         else:
             updates.append((target, delta * (scale * m.alpha_scale)))
-    if not updates:
-        raise UserError(f"LoRA {name} ({lora.format}) matches nothing in this checkpoint; first keys: "
-                        f"{_name_keys(unknown) or ', '.join(lora.leftover[:SHOWN_KEYS])}")
+    absent = sorted({m.component for m in unknown} - set(tables), key=COMPONENTS.index)
+    why = "".join(f"it has no {c}; " for c in absent)  # e.g. SDXL's lora_te2_ keys in an SD1 checkpoint
+    if not updates and not misfit:
+        raise UserError(f"LoRA {name} ({lora.format}) matches nothing in this checkpoint; {why}first keys: "
+                        f"{_first([m.keys[0] for m in unknown] or list(lora.leftover))}")
     if misfit:
         first = "; ".join(f"{m.keys[0]} {list(m.up.shape)}x{list(m.down.shape)} vs weight {list(t.weight.shape)}"
                           for m, t in misfit[:SHOWN_KEYS])
@@ -110,9 +132,8 @@ def plan(lora: LoraFile, modules: dict, scale: float, allow_partial: bool) -> li
     leftover = [m.keys[0] for m in unknown] + list(lora.leftover)
     if leftover and not allow_partial:
         raise UserError(f"LoRA {name}: {len(leftover)} keys match nothing in this checkpoint "
-                        f"(pass --lora-allow-partial to merge the rest): {', '.join(leftover[:SHOWN_KEYS])}"
-                        + (", ..." if len(leftover) > SHOWN_KEYS else ""))
-    return updates
+                        f"({why}pass --lora-allow-partial to merge the rest): {_first(leftover)}")
+    return updates, leftover
 
 
 def _sha256(path: Path) -> str:
@@ -130,16 +151,18 @@ def merge_loras(specs: tuple[LoraSpec, ...], modules: dict, allow_partial: bool,
     for spec in specs:
         spec = LoraSpec(resolve_path(spec.path), spec.scale)  # `demo/lora/...`: the shipped demo LoRA
         lora = read_lora(spec.path)
-        updates = plan(lora, modules, spec.scale, allow_partial)
-        changed = {UNET: 0, TEXT_ENCODER: 0}
+        updates, skipped = plan(lora, modules, spec.scale, allow_partial)
+        changed = {comp: 0 for comp in present_components(modules)}
         owner = {id(m): comp for comp in changed for m in modules[comp].modules()}
         with torch.no_grad():
             for target, delta in updates:
                 target.weight += delta.to(target.weight.dtype)
                 changed[owner[id(target)]] += 1
         nonzero = any(bool(delta.any()) for _, delta in updates)
-        log(f"lora {spec.path.name} ({lora.format}) x{spec.scale:g}: unet {changed[UNET]} modules, "
-            f"text_encoder {changed[TEXT_ENCODER]} modules" + ("" if nonzero else "; WARNING: every update is zero"))
+        log(f"lora {spec.path.name} ({lora.format}) x{spec.scale:g}: "
+            + ", ".join(f"{comp} {n} modules" for comp, n in changed.items())
+            + (f"; {len(skipped)} keys skipped (--lora-allow-partial): {_first(skipped)}" if skipped else "")
+            + ("" if nonzero else "; WARNING: every update is zero"))
         records.append(LoraRecord(file=spec.path.name, sha256=_sha256(spec.path), format=lora.format,
                                   scale=spec.scale, modules_changed=changed))
     return tuple(records)

@@ -1,4 +1,8 @@
-"""Random LoRA files for the tiny test model, written in each format sdrt reads, plus the textbook merge."""
+"""Random LoRA files for tiny test models, written in each format sdrt reads, plus the textbook merge.
+
+Components are whichever of unet / text_encoder / text_encoder_2 the modules dict holds; text encoders may be
+CLIP (SD1, SDXL) or BERT (Taiyi).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,13 @@ from safetensors.torch import save_file
 
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 TE_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
+BERT_ATTN = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
 class Entry:
-    component: str  # "unet" | "text_encoder"
+    component: str  # "unet" | "text_encoder" | "text_encoder_2"
     module: str  # dotted module path
     down: torch.Tensor
     up: torch.Tensor
@@ -34,32 +40,53 @@ def _lowrank(module: torch.nn.Module, rank: int, gen: torch.Generator, conv_kern
     return down, up
 
 
+def _file_name(model: torch.nn.Module, name: str) -> str:
+    """Files name CLIP modules as transformers 4 did, under `text_model.`; transformers 5's CLIPTextModel has no
+    such level (CLIPTextModelWithProjection keeps it). BERT names are the module names."""
+    if type(model).__name__ == "CLIPTextModel" and not name.startswith("text_model."):
+        return "text_model." + name
+    return name
+
+
+def _is_layer(m: torch.nn.Module) -> bool:
+    return isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+
+
 def random_entries(modules: dict, *, rank: int = 4, alpha: float | None = 2.0, seed: int = 0,
-                   text_encoder: bool = True, attention_only: bool = False) -> list[Entry]:
-    """Attention projections (+ UNet proj_in 1x1 conv, resnet conv1 3x3 LoCon, TE fc1 unless attention_only)."""
+                   text_encoder: bool = True, attention_only: bool = False, every_layer: bool = False,
+                   exclude: tuple[str, ...] = ()) -> list[Entry]:
+    """Attention projections (+ UNet proj_in 1x1 conv, resnet conv1 3x3 LoCon, TE fc1 / BERT intermediate unless
+    attention_only), in each component present; `every_layer`: every Linear/Conv2d (kxk convs as LoCon);
+    modules whose name contains a string of `exclude` are skipped."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for name, m in modules["unet"].named_modules():
         last = name.rsplit(".", 2)
         is_attn = any(name.endswith(f".{p}") for p in UNET_ATTN) and ".attn" in name
         extra = not attention_only and (name.endswith("attentions.0.proj_in") or name.endswith("resnets.0.conv1"))
-        if is_attn or extra:
-            down, up = _lowrank(m, rank, gen, conv_kernel=last[-1] == "conv1")
+        if (is_attn or extra or every_layer and _is_layer(m)) and not any(x in name for x in exclude):
+            down, up = _lowrank(m, rank, gen, conv_kernel=every_layer or last[-1] == "conv1")
             out.append(Entry("unet", name, down, up, alpha))
-    if text_encoder:
-        for name, m in modules["text_encoder"].named_modules():
-            if any(name.endswith(f".{p}") for p in TE_ATTN) or (not attention_only and name.endswith(".mlp.fc1")):
+    for comp in TEXT_ENCODERS if text_encoder else ():
+        model = modules.get(comp)
+        for name, m in model.named_modules() if model is not None else ():
+            attn = any(name.endswith(f".{p}") for p in TE_ATTN + BERT_ATTN)
+            mlp = not attention_only and name.endswith((".mlp.fc1", ".intermediate.dense"))
+            if (attn or mlp or every_layer and _is_layer(m)) and not any(x in name for x in exclude):
                 down, up = _lowrank(m, rank, gen, conv_kernel=False)
-                # Files name CLIP modules as transformers 4 did, under `text_model.`; transformers 5 has no
-                # such level.
-                out.append(Entry("text_encoder", "text_model." + name.removeprefix("text_model."), down, up, alpha))
+                out.append(Entry(comp, _file_name(model, name), down, up, alpha))
     return out
 
 
-def write_kohya(entries: list[Entry], path: Path) -> Path:
+def write_kohya(entries: list[Entry], path: Path, *, te_prefix: str = "lora_te_",
+                unet_names: dict[str, str] | None = None) -> Path:
+    """kohya keys; `te_prefix` "lora_te1_" for SDXL files (text_encoder_2 is always `lora_te2_`); `unet_names`
+    renames UNet modules first (e.g. to the SGM tree sd-scripts uses for SDXL)."""
+    prefixes = {"unet": "lora_unet_", "text_encoder": te_prefix, "text_encoder_2": "lora_te2_"}
     sd = {}
     for e in entries:
-        key = ("lora_unet_" if e.component == "unet" else "lora_te_") + e.module.replace(".", "_")
+        module = (unet_names or {}).get(e.module, e.module) if e.component == "unet" else e.module
+        key = prefixes[e.component] + module.replace(".", "_")
         sd[f"{key}.lora_down.weight"] = e.down.contiguous()
         sd[f"{key}.lora_up.weight"] = e.up.contiguous()
         if e.alpha is not None:
