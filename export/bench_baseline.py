@@ -36,13 +36,17 @@ class DiffusersContender:
         with _quiet_loading():
             base = getattr(diffusers, ckpt.model_index["scheduler"][1]).from_pretrained(ckpt.path / "scheduler")
             scheduler = getattr(diffusers, spec.diffusers_class).from_config(base.config, **spec.overrides)
-            cls = diffusers.StableDiffusionImg2ImgPipeline if settings.init_image else diffusers.StableDiffusionPipeline
-            self.pipe = cls.from_pretrained(ckpt.path, scheduler=scheduler, torch_dtype=dtype, safety_checker=None,
-                                            requires_safety_checker=False).to(self.device)
+            # The family's own pipeline (StableDiffusion(XL)Pipeline), or its image-to-image sibling.
+            name = ckpt.spec.pipeline.replace("Pipeline", "Img2ImgPipeline" if settings.init_image else "Pipeline")
+            self.xl = "XL" in name
+            extra = dict(add_watermarker=False) if self.xl else dict(safety_checker=None, requires_safety_checker=False)
+            self.pipe = getattr(diffusers, name).from_pretrained(ckpt.path, scheduler=scheduler, torch_dtype=dtype,
+                                                                 **extra).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.image = Image.open(settings.init_image).convert("RGB") if settings.init_image else None
         self.calls: list[tuple[str, float]] = []
-        self._time_module("text_encoder", self.pipe.text_encoder)
+        for role in ckpt.spec.text_encoders:
+            self._time_module(role.component, getattr(self.pipe, role.component))
         self._time_module("unet", self.pipe.unet)
         vae = self.pipe.vae
         vae.decode = self._timed("vae_decoder", vae.decode)
@@ -81,6 +85,8 @@ class DiffusersContender:
         s = self.s
         kwargs = dict(image=self.image, strength=s.strength) if self.image is not None else dict(height=s.height,
                                                                                                width=s.width)
+        if s.guidance_rescale:  # StableDiffusionImg2ImgPipeline has no such setting; the others do
+            kwargs["guidance_rescale"] = s.guidance_rescale
         self.calls.clear()
         t = time.perf_counter()
         with torch.inference_mode():
@@ -94,12 +100,22 @@ class DiffusersContender:
         """The guided batch's UNet output at the first step, from these unit-normal latents (fp32 out)."""
         s, pipe = self.s, self.pipe
         with torch.inference_mode():
-            cond, uncond = pipe.encode_prompt(s.prompt, self.device, 1, True, s.negative_prompt or None)
+            kwargs = dict(device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                          negative_prompt=s.negative_prompt or None)
+            added = {}
+            if self.xl:
+                cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(s.prompt, **kwargs)
+                h, w = (n * pipe.vae_scale_factor for n in latents.shape[-2:])
+                added = dict(added_cond_kwargs={
+                    "text_embeds": torch.cat([uncond_pooled, pooled]),
+                    "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * 2, dtype=cond.dtype, device=self.device)})
+            else:
+                cond, uncond = pipe.encode_prompt(s.prompt, **kwargs)
             pipe.scheduler.set_timesteps(s.steps, device=self.device)
             t = pipe.scheduler.timesteps[0]
             x = torch.from_numpy(latents).to(self.device, cond.dtype) * pipe.scheduler.init_noise_sigma
             x = pipe.scheduler.scale_model_input(torch.cat([x, x]), t)
-            out = pipe.unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            out = pipe.unet(x, t, encoder_hidden_states=torch.cat([uncond, cond]), **added).sample
         return out.float().cpu().numpy()
 
 

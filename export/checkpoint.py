@@ -18,7 +18,9 @@ from sdrt.runtime.errors import UserError
 from sdrt.runtime.manifest import SUPPORTED_FAMILIES, GenerationDefaults
 from sdrt.runtime.schedulers import SCHEDULER_NAMES
 
-REQUIRED_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+from .families import FAMILIES, ExportFamily
+
+BASE_PARTS = ("unet", "vae", "scheduler")  # besides each family's text encoders and tokenizers
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # The shipped demo model, package data of `sdrt.demo` (the checkout's demo/ in an editable install): a path
 # that starts with `demo` and does not exist resolves inside it, from any folder (`--checkpoint demo`,
@@ -38,6 +40,10 @@ class Checkpoint:
     unet_config: dict
     vae_config: dict
     defaults: GenerationDefaults = GenerationDefaults()
+
+    @property
+    def spec(self) -> ExportFamily:
+        return FAMILIES[self.family]
 
 
 def _demo_dir() -> Path | None:
@@ -67,17 +73,24 @@ def _read_json(path: Path) -> dict:
 
 
 def detect_family(model_index: dict, unet_config: dict) -> str:
-    """Name the model family from the configs alone (research/lora_taiyi_schedulers.md §2.c)."""
+    """Name the model family from the configs alone (research/lora_taiyi_schedulers.md §2.c).
+
+    Variants sdrt does not export get their own names, so the refusal says what the checkpoint is.
+    """
     pipeline = model_index.get("_class_name", "")
     text_encoder = (model_index.get("text_encoder") or [None, None])[1]
+    in_channels = unet_config.get("in_channels", 4)
     if "text_encoder_2" in model_index or unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
+        # The refiner has only the bigG encoder and conditions on an aesthetic score instead of the target size.
+        if text_encoder is None or model_index.get("requires_aesthetics_score"):
+            return "sdxl-refiner"
+        return "sdxl-inpaint" if in_channels != 4 else "sdxl"
     if pipeline.startswith(("StableDiffusion3", "Flux")) or "transformer" in model_index:
         return pipeline.replace("Pipeline", "").lower() or "dit"
+    if in_channels != 4:
+        return "sd-inpaint" if in_channels == 9 else f"sd-{in_channels}-channel ({pipeline or 'no pipeline class'})"
     if text_encoder == "BertModel":
         return "taiyi"
-    if unet_config.get("in_channels", 4) != 4:
-        return "sd-inpaint"
     if unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") == 1024:
         return "sd2"
     if text_encoder == "CLIPTextModel" and pipeline.startswith("StableDiffusion"):
@@ -119,10 +132,19 @@ def open_checkpoint(arg: str | Path) -> Checkpoint:
         raise UserError(
             f"unsupported model family '{family}' in {arg} (supported: {', '.join(SUPPORTED_FAMILIES)})"
         )
-    missing = [p for p in REQUIRED_PARTS if not (path / p).is_dir()]
+    family_spec = FAMILIES[family]
+    encoders = [r.component for r in family_spec.text_encoders]
+    required = [*encoders, *(r.tokenizer for r in family_spec.text_encoders), *BASE_PARTS]
+    missing = [p for p in required if not (path / p).is_dir()]
     if missing:
-        raise UserError(f"{arg} is not a complete diffusers SD checkpoint: missing {', '.join(missing)}/")
-    for part in ("text_encoder", "unet", "vae"):
+        raise UserError(f"{arg} is not a complete diffusers {family} checkpoint: missing {', '.join(missing)}/")
+    for role in family_spec.text_encoders:
+        for folder, name, allowed in ((role.component, role.component, role.classes),
+                                      (role.tokenizer, role.tokenizer, role.tokenizer_classes)):
+            cls = (model_index.get(name) or [None, None])[1]
+            if cls not in allowed:
+                raise UserError(f"{arg}: {name} is {cls}; a {family} checkpoint has {' or '.join(allowed)}")
+    for part in (*encoders, "unet", "vae"):
         check_weights(path / part)
     vae_config = _read_json(path / "vae" / "config.json")
     return Checkpoint(path=path, family=family, model_index=model_index, unet_config=unet_config,
@@ -197,23 +219,33 @@ def _quiet_loading():
 
 
 def load_modules(ckpt: Checkpoint) -> dict:
-    """The torch modules and the tokenizer/scheduler objects, fp32, in eval mode."""
+    """The torch modules and the tokenizer/scheduler objects, fp32, in eval mode.
+
+    Text encoders and tokenizers are keyed by their checkpoint folder names (text_encoder, tokenizer_2, ...);
+    their classes come from model_index.json, already checked against the family's allowed ones.
+    """
     import diffusers
     import torch
-    from transformers import CLIPTextModel, CLIPTokenizer
+    import transformers
 
     p = ckpt.path
+
+    def weights(folder: str, cls):
+        return cls.from_pretrained(p / folder, torch_dtype=torch.float32,
+                                   use_safetensors=_has_safetensors(p / folder))
+
     try:
         with _quiet_loading():
             scheduler_cls = getattr(diffusers, ckpt.model_index["scheduler"][1])
-            modules = dict(
-                text_encoder=CLIPTextModel.from_pretrained(p / "text_encoder", torch_dtype=torch.float32,
-                                                           use_safetensors=_has_safetensors(p / "text_encoder")),
-                unet=diffusers.UNet2DConditionModel.from_pretrained(p / "unet", torch_dtype=torch.float32,
-                                                                    use_safetensors=_has_safetensors(p / "unet")),
-                vae=diffusers.AutoencoderKL.from_pretrained(p / "vae", torch_dtype=torch.float32,
-                                                            use_safetensors=_has_safetensors(p / "vae")),
-                tokenizer=CLIPTokenizer.from_pretrained(p / "tokenizer"),
+            modules = {}
+            for role in ckpt.spec.text_encoders:
+                modules[role.component] = weights(role.component,
+                                                  getattr(transformers, ckpt.model_index[role.component][1]))
+                tokenizer_cls = getattr(transformers, ckpt.model_index[role.tokenizer][1])
+                modules[role.tokenizer] = tokenizer_cls.from_pretrained(p / role.tokenizer)
+            modules.update(
+                unet=weights("unet", diffusers.UNet2DConditionModel),
+                vae=weights("vae", diffusers.AutoencoderKL),
                 scheduler=scheduler_cls.from_pretrained(p / "scheduler"),
             )
     except (OSError, ValueError, KeyError, RuntimeError, AttributeError, pickle.UnpicklingError) as e:
@@ -223,6 +255,6 @@ def load_modules(ckpt: Checkpoint) -> dict:
                             "loaded (convert it to .safetensors in a trusted environment)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise UserError(f"cannot load {p}: {first}") from None
-    for name in ("text_encoder", "unet", "vae"):
+    for name in (*(r.component for r in ckpt.spec.text_encoders), "unet", "vae"):
         modules[name].eval().requires_grad_(False)
     return modules

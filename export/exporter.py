@@ -8,6 +8,7 @@ export (Ctrl-C included) leaves neither the engine dir nor the temporary folder 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import sys
@@ -20,14 +21,16 @@ from typing import Callable, Iterator
 import torch
 
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.manifest import COMPONENTS, Artifact, Component, GenerationDefaults, Manifest, package_versions
+from sdrt.runtime.manifest import (UNET, Artifact, Component, Conditioning, GenerationDefaults, Manifest, VaeInfo,
+                                   package_versions)
 
 from . import assets
-from .checkpoint import check_defaults, fingerprint, load_modules, open_checkpoint
+from .checkpoint import Checkpoint, check_defaults, fingerprint, load_modules, open_checkpoint
+from .families import ExportFamily
 from .lora_merge import LoraSpec, merge_loras
 from .onnx_export import OPSET, export_onnx
-from .specs import Geometry, build_specs
-from .validate import validate_onnx
+from .specs import Geometry, TextEncoderGeometry, build_specs
+from .validate import check_onnx, reference_outputs
 
 ONNX_FILE = "model.onnx"
 VERSIONED = ("sdrt", "torch", "onnx", "onnxscript", "onnxruntime", "diffusers", "transformers")  # in the manifest
@@ -39,24 +42,76 @@ class ExportOptions:
     checkpoint: str
     out: Path
     overwrite: bool = False
-    components: tuple[str, ...] = COMPONENTS
+    components: tuple[str, ...] | None = None  # None: all of the family's
     loras: tuple[LoraSpec, ...] = ()  # merged in order before tracing
     lora_allow_partial: bool = False
     defaults: GenerationDefaults = GenerationDefaults()  # recommended settings; set ones override the checkpoint's
 
 
-def geometry(modules: dict) -> Geometry:
-    unet, vae, te, tok = modules["unet"], modules["vae"], modules["text_encoder"], modules["tokenizer"]
+def _seq_len(tokenizer, text_encoder) -> int:
+    """Tokens per prompt: the tokenizer's model_max_length (Taiyi: 512), which the encoder must be able to take."""
+    n = int(tokenizer.model_max_length)
+    positions = int(getattr(text_encoder.config, "max_position_embeddings", n))
+    if n > positions:
+        raise UserError(f"tokenizer model_max_length {n} exceeds the text encoder's {positions} positions")
+    return n
+
+
+def geometry(family: ExportFamily, modules: dict) -> Geometry:
+    unet, vae = modules["unet"], modules["vae"]
+    encoders = []
+    for role in family.text_encoders:
+        te = modules[role.component]
+        encoders.append(TextEncoderGeometry(
+            name=role.component, seq_len=_seq_len(modules[role.tokenizer], te), hidden=int(te.config.hidden_size),
+            vocab_size=int(te.config.vocab_size), output=role.output, penultimate=role.penultimate,
+            pooled_dim=int(te.config.projection_dim) if role.pooled else None))
+    lengths = {t.seq_len for t in encoders}
+    if len(lengths) != 1:
+        raise UserError(f"the tokenizers disagree on the prompt length: {sorted(lengths)}")
     n_down = sum(1 for b in unet.down_blocks if getattr(b, "downsamplers", None))
-    return Geometry(
-        seq_len=int(tok.model_max_length),
-        text_hidden=int(te.config.hidden_size),
-        vocab_size=int(te.config.vocab_size),
+    geo = Geometry(
+        text_encoders=tuple(encoders),
         latent_channels=int(unet.config.in_channels),
         vae_factor=2 ** (len(vae.config.block_out_channels) - 1),
         unet_multiple=2**n_down,
         native_latent=int(unet.config.sample_size),
+        time_ids=len(family.time_ids),
     )
+    if int(unet.config.cross_attention_dim) != geo.context_dim:
+        raise UserError(f"the UNet attends to {unet.config.cross_attention_dim}-wide text states but the text "
+                        f"encoders give {geo.context_dim}")
+    if family.time_ids:
+        expected = int(unet.add_embedding.linear_1.in_features)
+        given = int(unet.config.addition_time_embed_dim) * len(family.time_ids) + geo.pooled_dim
+        if expected != given:  # diffusers' _get_add_time_ids check: e.g. a refiner's aesthetic-score UNet
+            raise UserError(f"the UNet's added conditioning takes {expected} values, {family.name} gives {given}")
+    return geo
+
+
+def conditioning(ckpt: Checkpoint, geo: Geometry) -> Conditioning:
+    family = ckpt.spec
+    pooled = next((r.component for r in family.text_encoders if r.pooled), None)
+    return Conditioning(text_encoders=tuple(r.component for r in family.text_encoders),
+                        context_length=geo.context_length, context_dim=geo.context_dim, pooled=pooled,
+                        time_ids=family.time_ids, force_zeros_for_empty_prompt=family.force_zeros(ckpt.model_index))
+
+
+def vae_info(vae) -> VaeInfo:
+    c = vae.config
+    mean, std = getattr(c, "latents_mean", None), getattr(c, "latents_std", None)
+    return VaeInfo(scaling_factor=float(c.scaling_factor),
+                   latents_mean=tuple(map(float, mean)) if mean is not None else None,
+                   latents_std=tuple(map(float, std)) if std is not None else None,
+                   force_upcast=bool(getattr(c, "force_upcast", True)))
+
+
+def release(modules: dict, specs: dict, remaining: tuple[str, ...]) -> None:
+    """Drop the torch modules no remaining component uses: a full-size SDXL export fits in 24 GB only so."""
+    needed = {m for name in remaining for m in specs[name].uses}
+    for name in [n for n in modules if isinstance(modules[n], torch.nn.Module) and n not in needed]:
+        del modules[name]
+    gc.collect()
 
 
 def _relative(path: Path | None, root: Path) -> str | None:
@@ -99,7 +154,12 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
     check_defaults(opts.defaults, "default settings")
     t0 = time.perf_counter()
     ckpt = open_checkpoint(opts.checkpoint)
-    defaults = opts.defaults.over(ckpt.defaults)
+    defaults = opts.defaults.over(ckpt.defaults).over(ckpt.spec.defaults)
+    components = ckpt.spec.components if opts.components is None else tuple(opts.components)
+    unknown = [c for c in components if c not in ckpt.spec.components]
+    if unknown:
+        raise UserError(f"a {ckpt.family} checkpoint has no component {', '.join(unknown)} "
+                        f"(its components: {', '.join(ckpt.spec.components)})")
     modules = load_modules(ckpt)
     # LoRA problems are user errors too: reported alone, before any progress line.
     lora_lines: list[str] = []
@@ -111,27 +171,33 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
         log(f"recommended settings: {recommended}")
     for line in lora_lines:
         log(line)
-    geo = geometry(modules)
+    geo = geometry(ckpt.spec, modules)
     specs = build_specs(geo)
+    vae = vae_info(modules["vae"])
     gen = torch.Generator().manual_seed(SEED)
-    components = {}
+    done = {}
     with staging_dir(out, opts.overwrite) as tmp:
-        tokenizer = assets.write_tokenizer(modules["tokenizer"], tmp)
-        scheduler = assets.write_scheduler(modules["scheduler"], tmp)
-        for i, name in enumerate(opts.components, 1):
+        tokenizers = {t.name: assets.write_tokenizer(modules[role.tokenizer], t.seq_len, tmp,
+                                                     assets.tokenizer_file(t.name))
+                      for t, role in zip(geo.text_encoders, ckpt.spec.text_encoders)}
+        scheduler = assets.write_scheduler(modules["scheduler"], tmp, ckpt.spec.scheduler_fixes)
+        release(modules, specs, components)
+        for i, name in enumerate(components, 1):
             spec, t = specs[name], time.perf_counter()
             (tmp / name).mkdir()
             module = spec.wrapper(modules).eval()
             onnx_file = export_onnx(spec, module, tmp / name / ONNX_FILE, gen)
-            if name == "unet" and onnx_file.op_counts.get("Attention", 0) == 0:
+            if name == UNET and onnx_file.op_counts.get("Attention", 0) == 0:
                 raise UserError("unet: the ONNX graph has no Attention nodes; the export failed to fuse attention")
-            validation = validate_onnx(spec, module, onnx_file.path, gen)
+            inputs, refs = reference_outputs(spec, module, gen)
+            del module
+            release(modules, specs, components[i:])
+            validation = check_onnx(spec, onnx_file.path, inputs, refs)
             artifact = Artifact(kind="onnx", precision="fp32", file=_relative(onnx_file.path, tmp),
                                 bytes=onnx_file.bytes, external_data=_relative(onnx_file.external_data, tmp),
                                 opset=OPSET, op_counts=onnx_file.op_counts, validation=validation)
-            components[name] = Component(inputs=spec.inputs, outputs=spec.outputs, axes=spec.axes,
-                                         artifacts=(artifact,))
-            log(f"[{i}/{len(opts.components)}] {name}: {time.perf_counter() - t:.1f} s, "
+            done[name] = Component(inputs=spec.inputs, outputs=spec.outputs, axes=spec.axes, artifacts=(artifact,))
+            log(f"[{i}/{len(components)}] {name}: {time.perf_counter() - t:.1f} s, "
                 f"{onnx_file.bytes / 2**20:.1f} MiB, max|onnx - torch| {validation.max_abs_error:.2e} "
                 f"(threshold {validation.threshold:.1e})")
         native = geo.native_latent * geo.vae_factor
@@ -140,10 +206,11 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
             native_resolution=(native, native),
             latent_channels=geo.latent_channels,
             vae_scale_factor=geo.vae_factor,
-            vae_scaling_factor=float(modules["vae"].config.scaling_factor),
-            tokenizer=tokenizer,
+            vae=vae,
+            tokenizers=tokenizers,
+            conditioning=conditioning(ckpt, geo),
             scheduler=scheduler,
-            components=components,
+            components=done,
             source=dict(path=str(ckpt.path.resolve()), format="diffusers", fingerprint=fingerprint(ckpt.path)),
             versions=package_versions(VERSIONED, missing="unknown"),
             loras=loras,

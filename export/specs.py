@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from sdrt.runtime.manifest import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, Axis, TensorSpec
+from sdrt.runtime.families import TEXT_EMBEDS
+from sdrt.runtime.manifest import UNET, VAE_DECODER, VAE_ENCODER, Axis, TensorSpec
 
 # Most images one call may generate; the UNet sees twice as many rows under classifier-free guidance.
 MAX_IMAGES = 16
@@ -22,14 +23,22 @@ EXAMPLE_BATCH = 2
 
 
 class TextEncoderWrapper(torch.nn.Module):
-    """input_ids -> last_hidden_state, without the pooler (SD 1.x conditions on the last hidden state)."""
+    """input_ids -> the hidden state the pipeline conditions on (+ the projected pooled `text_embeds`).
 
-    def __init__(self, text_encoder: torch.nn.Module):
+    No attention mask, as the pipelines call it: CLIP and Taiyi's BERT attend to the padding too.
+    """
+
+    def __init__(self, text_encoder: torch.nn.Module, penultimate: bool = False, pooled: bool = False):
         super().__init__()
         self.text_encoder = text_encoder
+        self.penultimate, self.pooled = penultimate, pooled
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids, return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor):
+        if not (self.penultimate or self.pooled):
+            return self.text_encoder(input_ids, return_dict=False)[0]
+        out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states[-2] if self.penultimate else out[0]
+        return (hidden, out.text_embeds) if self.pooled else hidden
 
 
 class UNetWrapper(torch.nn.Module):
@@ -41,6 +50,14 @@ class UNetWrapper(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class AddedCondUNetWrapper(UNetWrapper):
+    """SDXL: the UNet also takes the pooled text embedding and the micro-conditioning time ids."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class VaeDecoderWrapper(torch.nn.Module):
@@ -67,22 +84,45 @@ class VaeEncoderWrapper(torch.nn.Module):
 
 
 @dataclass(frozen=True)
+class TextEncoderGeometry:
+    name: str  # component name
+    seq_len: int  # tokens per prompt (the tokenizer's model_max_length)
+    hidden: int
+    vocab_size: int
+    output: str  # name of the hidden-state output
+    penultimate: bool
+    pooled_dim: int | None = None  # width of `text_embeds`, if this encoder emits it
+
+
+@dataclass(frozen=True)
 class Geometry:
     """The model sizes that shape every spec, read from the loaded checkpoint."""
 
-    seq_len: int  # tokenizer model_max_length
-    text_hidden: int
-    vocab_size: int
+    text_encoders: tuple[TextEncoderGeometry, ...]
     latent_channels: int
     vae_factor: int  # pixels per latent cell
     unet_multiple: int  # latent side must be a multiple of this (2 ** number of UNet downsamplers)
     native_latent: int  # latent side at the native resolution
+    time_ids: int = 0  # length of the UNet's time_ids input; 0: the UNet takes no added conditioning
+
+    @property
+    def context_length(self) -> int:
+        return self.text_encoders[0].seq_len
+
+    @property
+    def context_dim(self) -> int:
+        return sum(t.hidden for t in self.text_encoders)
+
+    @property
+    def pooled_dim(self) -> int | None:
+        return next((t.pooled_dim for t in self.text_encoders if t.pooled_dim), None)
 
 
 @dataclass(frozen=True)
 class ComponentSpec:
     name: str
     wrapper: Callable[[dict], torch.nn.Module]  # loaded diffusers/transformers modules -> export module
+    uses: tuple[str, ...]  # the loaded modules the wrapper holds (freed once no later component uses them)
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     axes: dict[str, Axis]
@@ -120,39 +160,63 @@ def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=gen)
 
 
+def _text_encoder(t: TextEncoderGeometry) -> ComponentSpec:
+    hidden = TensorSpec(t.output, "float32", ("batch", t.seq_len, t.hidden))
+    pooled = (TensorSpec(TEXT_EMBEDS, "float32", ("batch", t.pooled_dim)),) if t.pooled_dim else ()
+    return ComponentSpec(
+        name=t.name,
+        wrapper=lambda m: TextEncoderWrapper(m[t.name], t.penultimate, bool(t.pooled_dim)),
+        uses=(t.name,),
+        inputs=(TensorSpec("input_ids", "int64", ("batch", t.seq_len)),),
+        outputs=(hidden, *pooled),
+        axes={"batch": _batch(2 * MAX_IMAGES)},
+        sample_inputs=lambda s, gen: (torch.randint(0, t.vocab_size, (s["batch"], t.seq_len), generator=gen),),
+    )
+
+
+def _unet(g: Geometry, lat: Axis) -> ComponentSpec:
+    f32, c = "float32", g.latent_channels
+    inputs = [
+        TensorSpec("sample", f32, ("batch", c, "latent_height", "latent_width")),
+        TensorSpec("timestep", f32, ("batch",)),
+        TensorSpec("encoder_hidden_states", f32, ("batch", g.context_length, g.context_dim)),
+    ]
+    if g.time_ids:
+        inputs += [TensorSpec(TEXT_EMBEDS, f32, ("batch", g.pooled_dim)), TensorSpec("time_ids", f32, ("batch", g.time_ids))]
+
+    def sample_inputs(s, gen):
+        b = s["batch"]
+        base = (
+            _randn(gen, b, c, s["latent_height"], s["latent_width"]),
+            # Fractional timesteps, as Euler-type samplers pass them.
+            torch.rand(b, generator=gen) * 999.0,
+            _randn(gen, b, g.context_length, g.context_dim),
+        )
+        if not g.time_ids:
+            return base
+        # Sizes and crop offsets in pixels, as the pipeline passes them.
+        return (*base, _randn(gen, b, g.pooled_dim), torch.rand(b, g.time_ids, generator=gen) * 1024.0)
+
+    return ComponentSpec(
+        name=UNET,
+        wrapper=lambda m: (AddedCondUNetWrapper if g.time_ids else UNetWrapper)(m["unet"]),
+        uses=("unet",),
+        inputs=tuple(inputs),
+        outputs=(TensorSpec("noise_pred", f32, ("batch", c, "latent_height", "latent_width")),),
+        axes={"batch": _batch(2 * MAX_IMAGES), "latent_height": lat, "latent_width": lat},
+        sample_inputs=sample_inputs,
+    )
+
+
 def build_specs(g: Geometry) -> dict[str, ComponentSpec]:
     f32 = "float32"
     lat = _latent_axis(g)
     pix = _latent_axis(g, g.vae_factor)
     c = g.latent_channels
-    text_encoder = ComponentSpec(
-        name=TEXT_ENCODER,
-        wrapper=lambda m: TextEncoderWrapper(m["text_encoder"]),
-        inputs=(TensorSpec("input_ids", "int64", ("batch", g.seq_len)),),
-        outputs=(TensorSpec("last_hidden_state", f32, ("batch", g.seq_len, g.text_hidden)),),
-        axes={"batch": _batch(2 * MAX_IMAGES)},
-        sample_inputs=lambda s, gen: (torch.randint(0, g.vocab_size, (s["batch"], g.seq_len), generator=gen),),
-    )
-    unet = ComponentSpec(
-        name=UNET,
-        wrapper=lambda m: UNetWrapper(m["unet"]),
-        inputs=(
-            TensorSpec("sample", f32, ("batch", c, "latent_height", "latent_width")),
-            TensorSpec("timestep", f32, ("batch",)),
-            TensorSpec("encoder_hidden_states", f32, ("batch", g.seq_len, g.text_hidden)),
-        ),
-        outputs=(TensorSpec("noise_pred", f32, ("batch", c, "latent_height", "latent_width")),),
-        axes={"batch": _batch(2 * MAX_IMAGES), "latent_height": lat, "latent_width": lat},
-        sample_inputs=lambda s, gen: (
-            _randn(gen, s["batch"], c, s["latent_height"], s["latent_width"]),
-            # Fractional timesteps, as Euler-type samplers pass them.
-            torch.rand(s["batch"], generator=gen) * 999.0,
-            _randn(gen, s["batch"], g.seq_len, g.text_hidden),
-        ),
-    )
     vae_decoder = ComponentSpec(
         name=VAE_DECODER,
         wrapper=lambda m: VaeDecoderWrapper(m["vae"]),
+        uses=("vae",),
         inputs=(TensorSpec("latent", f32, ("batch", c, "latent_height", "latent_width")),),
         outputs=(TensorSpec("image", f32, ("batch", 3, f"latent_height*{g.vae_factor}",
                                             f"latent_width*{g.vae_factor}")),),
@@ -162,6 +226,7 @@ def build_specs(g: Geometry) -> dict[str, ComponentSpec]:
     vae_encoder = ComponentSpec(
         name=VAE_ENCODER,
         wrapper=lambda m: VaeEncoderWrapper(m["vae"]),
+        uses=("vae",),
         inputs=(TensorSpec("image", f32, ("batch", 3, "image_height", "image_width")),),
         outputs=tuple(
             TensorSpec(n, f32, ("batch", c, f"image_height/{g.vae_factor}", f"image_width/{g.vae_factor}"))
@@ -172,4 +237,5 @@ def build_specs(g: Geometry) -> dict[str, ComponentSpec]:
             torch.rand(s["batch"], 3, s["image_height"], s["image_width"], generator=gen) * 2 - 1,
         ),
     )
-    return {s.name: s for s in (text_encoder, unet, vae_decoder, vae_encoder)}
+    specs = [*(_text_encoder(t) for t in g.text_encoders), _unet(g, lat), vae_decoder, vae_encoder]
+    return {s.name: s for s in specs}

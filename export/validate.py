@@ -25,12 +25,20 @@ class ValidationError(UserError):
     """An exported graph disagrees with its torch module beyond the threshold."""
 
 
-def validate_onnx(spec: ComponentSpec, module: torch.nn.Module, onnx_path, gen: torch.Generator) -> Validation:
-    sizes = spec.validation_sizes()
-    inputs = spec.sample_inputs(sizes, gen)
+def reference_outputs(spec: ComponentSpec, module: torch.nn.Module, gen: torch.Generator):
+    """Validation inputs (sizes other than the trace example's) and the torch module's outputs on them.
+
+    Computed before ONNX Runtime loads the graph, so the torch module can be freed first: a full-size SDXL
+    UNet (10 GB in fp32) and its ORT session would not fit in memory together on a 24 GB machine.
+    """
+    inputs = spec.sample_inputs(spec.validation_sizes(), gen)
     with torch.no_grad():
         ref = module(*inputs)
-    refs = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+    return inputs, [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+
+
+def check_onnx(spec: ComponentSpec, onnx_path, inputs, refs) -> Validation:
+    """Run the graph in ONNX Runtime on `inputs`; refuse it if it strays from `refs` beyond the threshold."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])

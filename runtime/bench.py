@@ -85,7 +85,7 @@ def _baseline_checkpoint(req: BenchRequest, manifest: Manifest) -> Path:
 def resolve_settings(req: BenchRequest, scratch: Path) -> tuple[BenchSettings, Manifest]:
     """Every setting checked and made explicit, before any worker starts; and the engine dir's manifest."""
     from . import images  # pillow and the pipeline's imports: only once a bench runs, not for `sdrt --help`
-    from .pipeline import PIXEL_MULTIPLE, check_size, load_scheduler_config, resolve_defaults
+    from .pipeline import PIXEL_MULTIPLE, check_size, manifest_scheduler_config, resolve_defaults
 
     if req.runs < 1 or req.warmup < 0 or req.batch < 1:
         raise UserError("--runs and --batch must be at least 1, --warmup at least 0")
@@ -94,7 +94,7 @@ def resolve_settings(req: BenchRequest, scratch: Path) -> tuple[BenchSettings, M
     if not 0.0 < req.strength <= 1.0:
         raise UserError(f"--strength must be in (0, 1], got {req.strength}")
     manifest = Manifest.load(req.engine_dir)
-    defaults = resolve_defaults(manifest, load_scheduler_config(req.engine_dir / manifest.scheduler["file"]))
+    defaults = resolve_defaults(manifest, manifest_scheduler_config(req.engine_dir, manifest))
     s = GenerationDefaults.from_flags({"guidance_scale": "--guidance", "steps": "--steps"}, req.guidance_scale,
                                       req.steps, req.scheduler).over(defaults)
     if s.scheduler not in SCHEDULER_NAMES:
@@ -115,7 +115,8 @@ def resolve_settings(req: BenchRequest, scratch: Path) -> tuple[BenchSettings, M
     settings = BenchSettings(engine_dir=str(req.engine_dir), checkpoint=str(checkpoint) if checkpoint else None,
                              prompt=req.prompt, negative_prompt=req.negative_prompt, height=h, width=w,
                              batch=req.batch, steps=s.steps, scheduler=s.scheduler, guidance_scale=s.guidance_scale,
-                             init_image=str(init) if init else None, strength=req.strength)
+                             init_image=str(init) if init else None, strength=req.strength,
+                             guidance_rescale=s.guidance_rescale)
     return settings, manifest
 
 

@@ -49,6 +49,7 @@ class BenchSettings:
     guidance_scale: float
     init_image: str | None  # image-to-image when set
     strength: float
+    guidance_rescale: float = 0.0  # the engine dir's recommendation; the baseline applies it too
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -123,20 +124,23 @@ class SdrtContender:
         self.calls.clear()
         t = time.perf_counter()
         self.pipe(s.prompt, s.negative_prompt or None, steps=s.steps, guidance_scale=s.guidance_scale,
+                  guidance_rescale=s.guidance_rescale,
                   scheduler=s.scheduler, seed=seed, height=s.height, width=s.width, num_images_per_prompt=s.batch,
                   image=self.image, strength=s.strength, output_type="np")
         return stage_times(self.calls, time.perf_counter() - t)
 
     def first_unet_output(self, latents: np.ndarray) -> np.ndarray:
         """The guided batch's UNet output at the first step, from these unit-normal latents."""
+        from .families import MicroConditioning
         from .schedulers import make_sampler
 
         s, pipe = self.s, self.pipe
-        context = np.concatenate([pipe.encode_prompts((s.negative_prompt,), 1), pipe.encode_prompts((s.prompt,), 1)])
+        h, w = latents.shape[-2] * pipe.manifest.vae_scale_factor, latents.shape[-1] * pipe.manifest.vae_scale_factor
+        negatives = (s.negative_prompt,) if s.negative_prompt else None  # as generate() passes it
+        cond = pipe.encoder((s.prompt,), negatives, 1, True, h, w, MicroConditioning())
         sampler = make_sampler(s.scheduler, pipe.scheduler_config, s.steps)
         x = sampler.scale_model_input(latents * np.float32(sampler.init_noise_sigma), 0)
-        feeds = {"sample": np.concatenate([x, x]), "timestep": np.full(2, sampler.timesteps[0], np.float32),
-                 "encoder_hidden_states": context}
+        feeds = {"sample": np.concatenate([x, x]), "timestep": np.full(2, sampler.timesteps[0], np.float32), **cond}
         (out,) = pipe.backend.run("unet", feeds)
         return out
 

@@ -38,18 +38,20 @@ def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
         help="export a Stable Diffusion checkpoint to an engine dir",
-        description="Trace a diffusers-format SD 1.x checkpoint to ONNX (opset 23, fused Attention), validate "
+        description="Trace a diffusers-format SD 1.x, SD 2.x, SDXL or Taiyi checkpoint (the family is detected) "
+        "to ONNX (opset 23, fused Attention), validate "
         "every graph against torch in ONNX Runtime, and write an engine dir with manifest.json. The dir "
         "appears only when the export succeeds.",
         formatter_class=_Formatter,
     )
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="diffusers checkpoint folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/, "
-                   "scheduler/), or 'demo' for the model shipped with sdrt")
+                   "scheduler/; SDXL also text_encoder_2/, tokenizer_2/), or 'demo' for the model shipped with sdrt")
     p.add_argument("--out", required=True, type=Path, metavar="ENGINE_DIR", help="engine dir to create")
     p.add_argument("--overwrite", action="store_true", help="replace ENGINE_DIR if it exists")
-    p.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS), metavar="NAME",
-                   help=f"components to export, from: {', '.join(COMPONENTS)}")
+    p.add_argument("--components", nargs="+", choices=COMPONENTS, default=None, metavar="NAME",
+                   help=f"components to export, from: {', '.join(COMPONENTS)} (text_encoder_2: SDXL only); "
+                   "default: all of the checkpoint's")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge this LoRA (kohya/A1111, diffusers attn-procs, diffusers or PEFT; .safetensors or "
                    ".bin) into the weights before export, at SCALE (default 1.0); repeat to merge several, in order")
@@ -65,6 +67,10 @@ def _add_export(sub) -> None:
     p.add_argument("--default-scheduler", choices=SCHEDULER_NAMES, default=None, metavar="NAME",
                    help="recommended scheduler, recorded likewise; default: the checkpoint's sdrt_defaults.json, "
                    f"else none (sdrt then uses the checkpoint's own); one of: {', '.join(SCHEDULER_NAMES)}")
+    p.add_argument("--default-guidance-rescale", type=float, default=None, metavar="PHI",
+                   help="recommended guidance rescale in [0, 1] (v-prediction and zero-terminal-SNR models want "
+                   "about 0.7), recorded likewise; default: the checkpoint's sdrt_defaults.json, else none (sdrt "
+                   f"then uses {BUILTIN_DEFAULTS.guidance_rescale:g})")
     p.set_defaults(run=_run_export)
 
 
@@ -74,10 +80,12 @@ def _run_export(args) -> int:
         from sdrt.export.lora_merge import LoraSpec
     except ImportError as e:
         raise UserError(f"sdrt export needs the export extra ({e.name} is missing): pip install 'sdrt[export]'")
-    defaults = GenerationDefaults.from_flags({"guidance_scale": "--default-guidance", "steps": "--default-steps"},
-                                             args.default_guidance, args.default_steps, args.default_scheduler)
+    defaults = GenerationDefaults.from_flags(
+        {"guidance_scale": "--default-guidance", "steps": "--default-steps",
+         "guidance_rescale": "--default-guidance-rescale"},
+        args.default_guidance, args.default_steps, args.default_scheduler, args.default_guidance_rescale)
     export(ExportOptions(checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite,
-                         components=tuple(args.components), loras=tuple(LoraSpec.parse(a) for a in args.lora),
+                         components=tuple(args.components) if args.components else None, loras=tuple(LoraSpec.parse(a) for a in args.lora),
                          lora_allow_partial=args.lora_allow_partial, defaults=defaults))
     return 0
 
@@ -112,6 +120,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale; <= 1 runs the conditional half only; default: the engine "
                    f"dir's recommended, else {BUILTIN_DEFAULTS.guidance_scale}")
+    p.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI",
+                   help="rescale guided predictions toward the conditional one's spread, in [0, 1] (diffusers' "
+                   "guidance_rescale); default: the engine dir's recommended, else "
+                   f"{BUILTIN_DEFAULTS.guidance_rescale:g}")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                    help="sampler; default: the engine dir's recommended, else the checkpoint's own scheduler")
     p.add_argument("--seed", type=int, default=None, help="random seed; default: a random one, recorded in the PNG")
@@ -137,7 +149,7 @@ def _run_generate(args) -> int:
         engine_dir=args.engine_dir, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=seed, height=args.height,
         width=args.width, num_images=args.num_images, init_image=args.init_image, strength=args.strength,
-        backend=args.backend, out=args.out))
+        backend=args.backend, out=args.out, guidance_rescale=args.guidance_rescale))
     for path in paths:
         print(path)
     return 0

@@ -27,15 +27,18 @@ class GenerateRequest:
     strength: float
     backend: str
     out: Path
+    guidance_rescale: float | None = None
 
 
 def a1111_parameters(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int,
-                     width: int, height: int, model: str, strength: float | None) -> str:
+                     width: int, height: int, model: str, strength: float | None, rescale: float = 0.0) -> str:
     """The `parameters` text A1111 writes: prompt, `Negative prompt:` line, then `Key: value` pairs."""
     pairs = [("Steps", steps), ("Sampler", sampler), ("CFG scale", cfg), ("Seed", seed),
              ("Size", f"{width}x{height}"), ("Model", model)]
     if strength is not None:
         pairs.append(("Denoising strength", strength))
+    if rescale:
+        pairs.append(("Guidance rescale", rescale))
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
@@ -54,8 +57,9 @@ def generate(req: GenerateRequest) -> list[Path]:
         raise UserError(f"--strength must be in (0, 1], got {req.strength}")
     if req.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {req.num_images}")
-    asked = GenerationDefaults.from_flags({"guidance_scale": "--guidance-scale", "steps": "--steps"},
-                                          req.guidance_scale, req.steps, req.scheduler)
+    asked = GenerationDefaults.from_flags(
+        {"guidance_scale": "--guidance-scale", "steps": "--steps", "guidance_rescale": "--guidance-rescale"},
+        req.guidance_scale, req.steps, req.scheduler, req.guidance_rescale)
     init = images.load_image(req.init_image) if req.init_image is not None else None
     manifest = Manifest.load(req.engine_dir)
     if init is not None and (req.height is None or req.width is None):
@@ -72,10 +76,11 @@ def generate(req: GenerateRequest) -> list[Path]:
     settings = asked.over(pipe.defaults)
     result = pipe(req.prompt, req.negative_prompt or None, steps=settings.steps,
                   guidance_scale=settings.guidance_scale, scheduler=settings.scheduler, seed=req.seed, height=h,
-                  width=w, num_images_per_prompt=req.num_images, image=init, strength=req.strength, progress=True)
+                  width=w, num_images_per_prompt=req.num_images, image=init, strength=req.strength, progress=True,
+                  guidance_rescale=settings.guidance_rescale)
     text = a1111_parameters(req.prompt, req.negative_prompt, settings.steps, settings.scheduler,
                             settings.guidance_scale, req.seed, w, h, Path(req.engine_dir).resolve().name,
-                            req.strength if init is not None else None)
+                            req.strength if init is not None else None, settings.guidance_rescale)
     paths = output_paths(req.out, len(result))
     for image, path in zip(result, paths):
         images.save_png(image, path, text)

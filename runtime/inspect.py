@@ -55,7 +55,20 @@ def describe_defaults(m: Manifest) -> str:
     guidance = f"{d.guidance_scale:g}" if d.guidance_scale is not None else f"{b.guidance_scale:g} (sdrt's)"
     steps = f"{d.steps}" if d.steps is not None else f"{b.steps} (sdrt's)"
     scheduler = d.scheduler or f"the checkpoint's {m.scheduler['class_name']}"
-    return f"guidance {guidance}   steps {steps}   scheduler {scheduler}"
+    rescale = f"{d.guidance_rescale:g}" if d.guidance_rescale is not None else f"{b.guidance_rescale:g} (sdrt's)"
+    return f"guidance {guidance}   steps {steps}   scheduler {scheduler}   guidance rescale {rescale}"
+
+
+def describe_conditioning(m: Manifest) -> str:
+    c = m.conditioning
+    parts = [" + ".join(c.text_encoders) + f" -> [{c.context_length}, {c.context_dim}]"]
+    if c.pooled:
+        parts.append(f"text_embeds from {c.pooled}")
+    if c.time_ids:
+        parts.append(f"time_ids ({len(c.time_ids)})")
+    if c.force_zeros_for_empty_prompt:
+        parts.append("zeros for no negative prompt")
+    return ", ".join(parts)
 
 
 def render(m: Manifest, engine_dir: Path) -> str:
@@ -63,8 +76,10 @@ def render(m: Manifest, engine_dir: Path) -> str:
     lines = [
         f"engine dir   {engine_dir}",
         f"family       {m.family}   native {w}x{h}   latent {m.latent_channels}ch /{m.vae_scale_factor}   "
-        f"vae scaling {m.vae_scaling_factor}",
-        f"tokenizer    {m.tokenizer['file']}  max_length {m.tokenizer['max_length']}",
+        f"vae scaling {m.vae.scaling_factor:g}" + ("   vae fp32 (force_upcast)" if m.vae.force_upcast else ""),
+        f"conditioning {describe_conditioning(m)}",
+        *(f"tokenizer    {name}: {t['file']}  max_length {t['max_length']}  pad {t['pad_token']!r}"
+          for name, t in m.tokenizers.items()),
         f"scheduler    {m.scheduler['class_name']} ({m.scheduler['prediction_type']})",
         f"defaults     {describe_defaults(m)}",
         f"source       {m.source.get('path')}  {m.source.get('fingerprint', '')[:19]}",

@@ -13,15 +13,20 @@ from pathlib import Path
 from .errors import UserError
 
 FORMAT_NAME = "sdrt-engine-dir"
-FORMAT_VERSION = 1
+# 2: several text encoders (SDXL), `tokenizers` per text encoder, `conditioning`, `vae`, effective scheduler config.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 dirs (SD 1.x only) are read by migrating them (`_migrate_v1`)
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 SCHEDULER_FILE = "scheduler.json"
 
 # Component names, in export order. Their I/O names are part of the contract.
-TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER = "text_encoder", "unet", "vae_decoder", "vae_encoder"
-COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
-SUPPORTED_FAMILIES = ("sd1",)
+TEXT_ENCODER, TEXT_ENCODER_2 = "text_encoder", "text_encoder_2"
+UNET, VAE_DECODER, VAE_ENCODER = "unet", "vae_decoder", "vae_encoder"
+COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER)
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "taiyi")
+# The SDXL UNet's micro-conditioning, in the order of its `time_ids` input (diffusers' _get_add_time_ids).
+SDXL_TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,54 @@ class LoraRecord:
     modules_changed: dict[str, int]
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """How prompts become the UNet's conditioning inputs: the per-family recipe (docs/engine-dir.md).
+
+    Each text encoder in `text_encoders` takes its tokenizer's ids; their first outputs are concatenated on the
+    last axis, in this order, into `encoder_hidden_states` [batch, context_length, context_dim].
+    """
+
+    text_encoders: tuple[str, ...]
+    context_length: int  # tokens per prompt: the sequence length of encoder_hidden_states
+    context_dim: int
+    pooled: str | None = None  # the text encoder whose `text_embeds` output is the UNet's `text_embeds` input
+    time_ids: tuple[str, ...] = ()  # names of the UNet's `time_ids` values, in order (SDXL_TIME_IDS); () = none
+    # No negative prompt given (not even ""): the unconditional half is zeros instead of the encoding of "".
+    force_zeros_for_empty_prompt: bool = False
+
+
+@dataclass(frozen=True)
+class VaeInfo:
+    """How latents map to the VAE's inputs, and what precision the VAE needs."""
+
+    scaling_factor: float  # latents = latent_mean * factor after the encoder; decoder input = latents / factor
+    # Optional per-channel statistics (diffusers' latents_mean/latents_std): latents = (mean - m) * factor / s,
+    # and the decoder takes latents * s / factor + m.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    # The checkpoint's force_upcast: the VAE overflows in fp16, so it runs in fp32 whatever the UNet runs in.
+    force_upcast: bool = True
+
+    def to_latents(self, mean):
+        if self.latents_mean is None or self.latents_std is None:
+            return mean * self.scaling_factor
+        m, s = (_channels(v, mean) for v in (self.latents_mean, self.latents_std))
+        return (mean - m) * self.scaling_factor / s
+
+    def from_latents(self, latents):
+        if self.latents_mean is None or self.latents_std is None:
+            return latents / self.scaling_factor
+        m, s = (_channels(v, latents) for v in (self.latents_mean, self.latents_std))
+        return latents * s / self.scaling_factor + m
+
+
+def _channels(values, like):
+    import numpy as np
+
+    return np.asarray(values, dtype=like.dtype).reshape(1, -1, 1, 1)
+
+
 class SettingError(ValueError):
     """A bad generation setting; `setting` names the field, so a CLI can name its own flag instead."""
 
@@ -117,23 +170,30 @@ class GenerationDefaults:
     guidance_scale: float | None = None
     steps: int | None = None
     scheduler: str | None = None  # an sdrt scheduler name, e.g. "dpmpp-2m-karras"
+    # diffusers' guidance_rescale (arXiv 2305.08891 §3.4): 0 is plain classifier-free guidance; v-prediction
+    # and zero-terminal-SNR models want about 0.7 at high guidance.
+    guidance_rescale: float | None = None
 
     def __post_init__(self):
-        g, n, s = self.guidance_scale, self.steps, self.scheduler
-        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < float("inf")):
+        g, n, s, r = self.guidance_scale, self.steps, self.scheduler, self.guidance_rescale
+        if g is not None and not _number(g, 0.0, float("inf")):
             raise SettingError("guidance_scale", f"must be a number >= 0, got {g!r}")
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise SettingError("steps", f"must be an integer >= 1, got {n!r}")
         if s is not None and (not isinstance(s, str) or not s):
             raise SettingError("scheduler", f"must be a scheduler name, got {s!r}")
-        if g is not None:
-            object.__setattr__(self, "guidance_scale", float(g))  # JSON's 3 and 3.0 are one setting
+        if r is not None and not _number(r, 0.0, 1.0, inclusive=True):
+            raise SettingError("guidance_rescale", f"must be a number in [0, 1], got {r!r}")
+        for name in ("guidance_scale", "guidance_rescale"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))  # JSON's 3 and 3.0 are one setting
 
     @classmethod
-    def from_flags(cls, flags: dict[str, str], guidance_scale, steps, scheduler) -> GenerationDefaults:
+    def from_flags(cls, flags: dict[str, str], guidance_scale, steps, scheduler,
+                   guidance_rescale=None) -> GenerationDefaults:
         """From command-line values; a bad one is a one-line UserError naming its flag (`flags`: setting -> flag)."""
         try:
-            return cls(guidance_scale, steps, scheduler)
+            return cls(guidance_scale, steps, scheduler, guidance_rescale)
         except SettingError as e:
             raise UserError(f"{flags.get(e.setting, e.setting)} {e.problem}") from None
 
@@ -153,20 +213,27 @@ class GenerationDefaults:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-# What sdrt uses when neither the caller nor the engine dir says: guidance 7.5 as diffusers' SD pipelines, and
-# 30 steps (diffusers says 50; sdrt's default has been 30 since its first release).
-BUILTIN_DEFAULTS = GenerationDefaults(guidance_scale=7.5, steps=30)
+def _number(x, lo: float, hi: float, inclusive: bool = False) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return lo <= x <= hi if inclusive else lo <= x < hi
+
+
+# What sdrt uses when neither the caller nor the engine dir says: guidance 7.5 as diffusers' SD pipelines,
+# 30 steps (diffusers says 50; sdrt's default has been 30 since its first release) and no guidance rescale.
+BUILTIN_DEFAULTS = GenerationDefaults(guidance_scale=7.5, steps=30, guidance_rescale=0.0)
 
 
 @dataclass(frozen=True)
 class Manifest:
-    family: str
+    family: str  # SUPPORTED_FAMILIES
     native_resolution: tuple[int, int]  # (height, width) in pixels
     latent_channels: int
     vae_scale_factor: int  # pixels per latent cell
-    vae_scaling_factor: float  # latents = vae_encoder_mean * factor; vae_decoder input = latents / factor
-    tokenizer: dict  # {"file", "max_length", "pad_token", "bos_token", "eos_token", "pad_id", ...}
-    scheduler: dict  # {"file", "class_name", "prediction_type"}
+    vae: VaeInfo
+    tokenizers: dict[str, dict]  # per text encoder: {"file", "max_length", "pad_token", "pad_id", "bos_token", ...}
+    conditioning: Conditioning
+    scheduler: dict  # {"file", "class_name", "prediction_type"} (+ "config_overrides" in migrated v1 dirs)
     components: dict[str, Component]
     source: dict  # {"path", "fingerprint", "format"}
     versions: dict[str, str]
@@ -187,19 +254,25 @@ class Manifest:
     def from_dict(cls, d: dict) -> Manifest:
         if d.get("format") != FORMAT_NAME:
             raise UserError(f"not an sdrt manifest (format {d.get('format')!r})")
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READABLE_VERSIONS:
             raise UserError(
                 f"manifest format version {d.get('format_version')} is not supported by this sdrt "
-                f"(expects {FORMAT_VERSION}); re-export the checkpoint"
+                f"(reads {', '.join(map(str, READABLE_VERSIONS))}); re-export the checkpoint with this sdrt"
             )
+        if d["format_version"] == 1:
+            d = _migrate_v1(d)
         components = {name: _component(c) for name, c in d["components"].items()}
+        vae = d["vae"]
+        cond = d["conditioning"]
         return cls(
             family=d["family"],
             native_resolution=tuple(d["native_resolution"]),
             latent_channels=d["latent_channels"],
             vae_scale_factor=d["vae_scale_factor"],
-            vae_scaling_factor=d["vae_scaling_factor"],
-            tokenizer=d["tokenizer"],
+            vae=VaeInfo(**{**vae, **{k: tuple(vae[k]) for k in ("latents_mean", "latents_std") if vae.get(k)}}),
+            tokenizers=d["tokenizers"],
+            conditioning=Conditioning(**{**cond, "text_encoders": tuple(cond["text_encoders"]),
+                                         "time_ids": tuple(cond.get("time_ids", ()))}),
             scheduler=d["scheduler"],
             components=components,
             source=d["source"],
@@ -207,7 +280,7 @@ class Manifest:
             loras=tuple(LoraRecord(**r) for r in d.get("loras", ())),
             defaults=GenerationDefaults.from_dict(d.get("defaults") or {}, strict=False),
             format=d["format"],
-            format_version=d["format_version"],
+            format_version=FORMAT_VERSION,
         )
 
     @classmethod
@@ -222,6 +295,24 @@ class Manifest:
             return cls.from_dict(d)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path} is corrupt: {e.__class__.__name__}: {e}") from None
+
+
+# StableDiffusionPipeline.__init__ rewrites every scheduler it is given this way (pipeline_stable_diffusion.py,
+# diffusers 0.42.1 l.214-238, "deprecated" configs): the SD pipelines never clip x0 and always offset by 1.
+# Version 2 exporters write the rewritten config; version 1 dirs (all SD 1.x) left it to the runtime.
+SD_PIPELINE_SCHEDULER_FIXES = {"steps_offset": 1, "clip_sample": False}
+
+
+def _migrate_v1(d: dict) -> dict:
+    """A version 1 dir (SD 1.x: one CLIP text encoder, `tokenizer`, `vae_scaling_factor`) in version 2 terms."""
+    d = dict(d)
+    tok = d.pop("tokenizer")
+    hidden = d["components"][TEXT_ENCODER]["outputs"][0]["shape"][-1]
+    d["tokenizers"] = {TEXT_ENCODER: tok}
+    d["conditioning"] = dict(text_encoders=[TEXT_ENCODER], context_length=tok["max_length"], context_dim=hidden)
+    d["vae"] = dict(scaling_factor=d.pop("vae_scaling_factor"))
+    d["scheduler"] = {**d["scheduler"], "config_overrides": SD_PIPELINE_SCHEDULER_FIXES}
+    return d
 
 
 def package_versions(names, missing=None) -> dict:

@@ -1,7 +1,9 @@
-"""Text-to-image and image-to-image: the numpy scheduler loop around the engine calls.
+"""Text-to-image and image-to-image: the numpy scheduler loop around the engine calls, for every family.
 
-Matches diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline step for step (tests/test_parity.py):
-the same prompt batching, [unconditional, conditional] guidance batch, scheduler, VAE scaling and rounding.
+Matches diffusers' StableDiffusion(XL)Pipeline / StableDiffusion(XL)Img2ImgPipeline step for step
+(tests/test_parity.py, tests/test_families.py): the same prompt batching, [unconditional, conditional] guidance
+batch, guidance rescale, scheduler, VAE scaling and rounding. How prompts become the UNet's conditioning is the
+family's business (runtime/families.py); this loop does not know which family it runs.
 
 Random draws come from one numpy Generator in a fixed order, so a seed always gives the same image:
 img2img first draws the VAE posterior noise, then the noise that is added to the image latents; text-to-image
@@ -20,28 +22,34 @@ import numpy as np
 from . import images
 from .backend import make_backend
 from .errors import UserError
-from .manifest import (BUILTIN_DEFAULTS, SCHEDULER_FILE, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER,
-                       GenerationDefaults, Manifest)
+from .families import MicroConditioning, PromptEncoder, check_pair
+from .manifest import (BUILTIN_DEFAULTS, SCHEDULER_FILE, UNET, VAE_DECODER, VAE_ENCODER, GenerationDefaults,
+                       Manifest)
 from .schedulers import SCHEDULER_NAMES, SchedulerConfig, default_scheduler_name, make_sampler
 from .tokenizer import PromptTokenizer
 
 PIXEL_MULTIPLE = 8
 
 
-# StableDiffusionPipeline.__init__ rewrites every scheduler it is given this way (pipeline_stable_diffusion.py,
-# diffusers 0.42.1 l.214-238, "deprecated" configs): the SD pipelines never clip x0 and always offset by 1.
-SD_PIPELINE_SCHEDULER_FIXES = {"steps_offset": 1, "clip_sample": False}
+def override_config(config: dict, overrides: dict) -> dict:
+    """A diffusers config with `overrides` set as if the checkpoint had said them (not diffusers' defaults)."""
+    out = {**config, **overrides}
+    out["_use_default_values"] = [k for k in config.get("_use_default_values", ()) if k not in overrides]
+    return out
 
 
-def load_scheduler_config(path: Path) -> SchedulerConfig:
+def load_scheduler_config(path: Path, overrides: dict | None = None) -> SchedulerConfig:
+    """scheduler.json; `overrides` (the manifest's `config_overrides`) are set on its config."""
     try:
         d = json.loads(Path(path).read_text())
-        config = {**d["config"], **SD_PIPELINE_SCHEDULER_FIXES}
-        config["_use_default_values"] = [k for k in config.get("_use_default_values", ())
-                                         if k not in SD_PIPELINE_SCHEDULER_FIXES]
-        return SchedulerConfig.from_json_dict({**d, "config": config})
+        return SchedulerConfig.from_json_dict({**d, "config": override_config(d["config"], overrides or {})})
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot read scheduler config {path}: {e}") from None
+
+
+def manifest_scheduler_config(engine_dir: Path, manifest: Manifest) -> SchedulerConfig:
+    s = manifest.scheduler
+    return load_scheduler_config(Path(engine_dir) / s.get("file", SCHEDULER_FILE), s.get("config_overrides"))
 
 
 def resolve_defaults(manifest: Manifest, scheduler_config: SchedulerConfig) -> GenerationDefaults:
@@ -72,15 +80,17 @@ class Request:
     """One generation's settings after defaults and checks."""
 
     prompts: tuple[str, ...]
-    negative_prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...] | None  # None: none given (SDXL may then zero the unconditional half)
     steps: int
     guidance_scale: float
+    guidance_rescale: float
     scheduler: str
     height: int
     width: int
     num_images_per_prompt: int
     strength: float
     eta: float
+    micro: MicroConditioning
 
     @property
     def batch(self) -> int:
@@ -90,43 +100,58 @@ class Request:
 class Pipeline:
     """An engine dir loaded once; call it to generate images. Holds no per-generation state."""
 
-    def __init__(self, engine_dir: Path, manifest: Manifest, backend, tokenizer: PromptTokenizer,
+    def __init__(self, engine_dir: Path, manifest: Manifest, backend, tokenizers: dict[str, PromptTokenizer],
                  scheduler_config: SchedulerConfig):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.backend = backend
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
         self.defaults = resolve_defaults(manifest, scheduler_config)
+        self.encoder = PromptEncoder(manifest.conditioning, tokenizers, backend, manifest.components)
+
+    @property
+    def tokenizer(self) -> PromptTokenizer:
+        """The first text encoder's tokenizer (the only one outside SDXL)."""
+        return self.tokenizers[self.manifest.conditioning.text_encoders[0]]
 
     @classmethod
     def load(cls, engine_dir, backend: str = "auto") -> Pipeline:
         engine_dir = Path(engine_dir)
         manifest = Manifest.load(engine_dir)
-        missing = {TEXT_ENCODER, UNET, VAE_DECODER} - set(manifest.components)
+        needed = (*manifest.conditioning.text_encoders, UNET, VAE_DECODER)
+        missing = [c for c in needed if c not in manifest.components]
         if missing:
-            raise UserError(f"{engine_dir} lacks {', '.join(sorted(missing))}; export all components to generate")
-        tok = PromptTokenizer(engine_dir / manifest.tokenizer["file"], manifest.tokenizer["max_length"])
-        sched = load_scheduler_config(engine_dir / manifest.scheduler.get("file", SCHEDULER_FILE))
-        return cls(engine_dir, manifest, make_backend(backend, engine_dir, manifest), tok, sched)
+            raise UserError(f"{engine_dir} lacks {', '.join(missing)}; export all components to generate")
+        toks = {name: PromptTokenizer(engine_dir / t["file"], t["max_length"])
+                for name, t in manifest.tokenizers.items() if name in manifest.conditioning.text_encoders}
+        sched = manifest_scheduler_config(engine_dir, manifest)
+        return cls(engine_dir, manifest, make_backend(backend, engine_dir, manifest), toks, sched)
 
     # -- settings -------------------------------------------------------------------------------------
 
     def _request(self, prompt, negative_prompt, steps, guidance_scale, scheduler, height, width,
-                 num_images_per_prompt, strength, eta, image) -> Request:
+                 num_images_per_prompt, strength, eta, image, guidance_rescale, micro) -> Request:
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise UserError("prompt must be a string or a non-empty list of strings")
         if negative_prompt is None:
-            negatives = ("",) * len(prompts)
+            negatives = None
         elif isinstance(negative_prompt, str):
             negatives = (negative_prompt,) * len(prompts)
         else:
             negatives = tuple(negative_prompt)
+            if not all(isinstance(n, str) for n in negatives):
+                raise UserError("negative_prompt must be a string or a list of strings")
             if len(negatives) != len(prompts):
                 raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         steps = self.defaults.steps if steps is None else steps
         guidance_scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
+        guidance_rescale = self.defaults.guidance_rescale if guidance_rescale is None else guidance_rescale
+        try:
+            GenerationDefaults(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         name = scheduler or self.defaults.scheduler
         if name is None:
             raise UserError(f"the checkpoint's scheduler {self.scheduler_config.class_name} has no sdrt equivalent; "
@@ -147,15 +172,15 @@ class Pipeline:
         nh, nw = self.manifest.native_resolution
         height, width = int(height or nh), int(width or nw)
         check_size(self.manifest, height, width)
-        return Request(prompts, negatives, int(steps), float(guidance_scale), name, height, width,
-                       int(num_images_per_prompt), float(strength), float(eta))
+        return Request(prompts, negatives, int(steps), float(guidance_scale), float(guidance_rescale), name,
+                       height, width, int(num_images_per_prompt), float(strength), float(eta), micro)
 
     # -- stages ---------------------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: tuple[str, ...], repeat: int) -> np.ndarray:
-        ids = self.tokenizer(list(prompts))
-        (hidden,) = self.backend.run(TEXT_ENCODER, {"input_ids": ids})
-        return np.repeat(hidden, repeat, axis=0)  # p0, p0, p1, p1: diffusers' repeat/view order
+    def conditioning(self, req: Request) -> dict[str, np.ndarray]:
+        """The UNet's conditioning feeds for the request (its unconditional rows first under guidance)."""
+        return self.encoder(req.prompts, req.negative_prompts, req.num_images_per_prompt, req.guidance_scale > 1.0,
+                            req.height, req.width, req.micro)
 
     def encode_image(self, image, req: Request, rng: np.random.Generator) -> np.ndarray:
         if VAE_ENCODER not in self.manifest.components:
@@ -164,7 +189,7 @@ class Pipeline:
         mean, logvar = self.backend.run(VAE_ENCODER, {"image": pixels})
         # DiagonalGaussianDistribution.sample: mean + exp(0.5 * clamp(logvar, -30, 20)) * noise.
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        latents = (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * self.manifest.vae_scaling_factor
+        latents = self.manifest.vae.to_latents(mean + std * rng.standard_normal(mean.shape, dtype=np.float32))
         n = latents.shape[0]
         if req.batch % n:
             raise UserError(f"{n} init images cannot be spread over {req.batch} images")
@@ -172,7 +197,8 @@ class Pipeline:
         # p0, p0, p1, p1) when several images meet num_images_per_prompt > 1; for one image both agree.
         return np.repeat(latents, req.batch // n, axis=0).astype(np.float32)
 
-    def denoise(self, x: np.ndarray, context: np.ndarray, sampler, req: Request, rng, progress: bool) -> np.ndarray:
+    def denoise(self, x: np.ndarray, cond: dict[str, np.ndarray], sampler, req: Request, rng,
+                progress: bool) -> np.ndarray:
         cfg = req.guidance_scale > 1.0
         timesteps = sampler.timesteps
         bar = _progress_bar(len(timesteps), progress)
@@ -180,12 +206,13 @@ class Pipeline:
             x_in = sampler.scale_model_input(x, i)
             if cfg:
                 x_in = np.concatenate([x_in, x_in])
-            feeds = {"sample": x_in, "timestep": np.full(x_in.shape[0], t, dtype=np.float32),
-                     "encoder_hidden_states": context}
+            feeds = {"sample": x_in, "timestep": np.full(x_in.shape[0], t, dtype=np.float32), **cond}
             (eps,) = self.backend.run(UNET, feeds)
             if cfg:
                 eps_uncond, eps_cond = np.split(eps, 2)
                 eps = eps_uncond + req.guidance_scale * (eps_cond - eps_uncond)
+                if req.guidance_rescale > 0.0:
+                    eps = rescale_guidance(eps, eps_cond, req.guidance_rescale)
             noise = rng.standard_normal(x.shape, dtype=np.float32) if sampler.needs_noise(i) else None
             x = sampler.step(eps, i, x, noise)
             if bar:
@@ -195,7 +222,7 @@ class Pipeline:
         return x
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        (decoded,) = self.backend.run(VAE_DECODER, {"latent": latents / np.float32(self.manifest.vae_scaling_factor)})
+        (decoded,) = self.backend.run(VAE_DECODER, {"latent": self.manifest.vae.from_latents(latents)})
         return images.postprocess(decoded)
 
     # -- the call -------------------------------------------------------------------------------------
@@ -204,26 +231,34 @@ class Pipeline:
                  scheduler: str | None = None, seed: int | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, latents: np.ndarray | None = None,
                  image=None, strength: float = 0.8, eta: float = 0.0, output_type: str = "pil",
-                 progress: bool = False):
+                 progress: bool = False, guidance_rescale: float | None = None,
+                 original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
+                 target_size: tuple[int, int] | None = None):
         """Generate images; returns PIL images, or float32 [N, H, W, 3] in [0, 1] for output_type="np".
 
         Text-to-image by default; image-to-image when `image` (a PIL image or [H, W, 3] array in [0, 1]) is
         given, keeping `1 - strength` of it. `steps`, `guidance_scale` and `scheduler` left as None take
         `self.defaults`: the engine dir's recommended settings, else 30 steps, guidance 7.5 and the checkpoint's
-        own scheduler. `latents` is the initial unit-normal noise with diffusers'
-        meaning (it is multiplied by the scheduler's initial noise sigma). `progress` shows a step bar on stderr.
+        own scheduler; `guidance_rescale` left as None takes the engine dir's, else 0.
+        `latents` is the initial unit-normal noise with diffusers' meaning (it is multiplied by the scheduler's
+        initial noise sigma). `progress` shows a step bar on stderr. With no `negative_prompt` at all, an SDXL
+        checkpoint that says force_zeros_for_empty_prompt uses zeros as its unconditional input, as diffusers does.
+
+        SDXL only: `original_size`, `crops_coords_top_left` and `target_size` are the micro-conditioning
+        (height, width) pairs, with diffusers' defaults: (height, width), (0, 0), (height, width).
         """
         if output_type not in ("pil", "np"):
             raise UserError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        micro = MicroConditioning(check_pair("original_size", original_size),
+                                  check_pair("crops_coords_top_left", crops_coords_top_left),
+                                  check_pair("target_size", target_size))
         req = self._request(prompt, negative_prompt, steps, guidance_scale, scheduler, height, width,
-                            num_images_per_prompt, strength, eta, image)
+                            num_images_per_prompt, strength, eta, image, guidance_rescale, micro)
         rng = np.random.default_rng(seed)
         f, c = self.manifest.vae_scale_factor, self.manifest.latent_channels
         shape = (req.batch, c, req.height // f, req.width // f)
 
-        context = self.encode_prompts(req.prompts, req.num_images_per_prompt)
-        if req.guidance_scale > 1.0:
-            context = np.concatenate([self.encode_prompts(req.negative_prompts, req.num_images_per_prompt), context])
+        cond = self.conditioning(req)
 
         try:
             sampler = make_sampler(req.scheduler, self.scheduler_config, req.steps,
@@ -239,9 +274,18 @@ class Pipeline:
                 raise UserError(f"latents have shape {list(noise.shape)}, expected {list(shape)}")
             x = noise * np.float32(sampler.init_noise_sigma)
 
-        x = self.denoise(x, context, sampler, req, rng, progress)
+        x = self.denoise(x, cond, sampler, req, rng, progress)
         out = self.decode(x)
         return images.to_pil(out) if output_type == "pil" else out
+
+
+def rescale_guidance(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.ndarray:
+    """diffusers' rescale_noise_cfg (arXiv 2305.08891 §3.4): scale each image's guided prediction to the standard
+    deviation of its conditional one, mixed in by `phi`. torch's std is the unbiased one (ddof=1)."""
+    axes = tuple(range(1, guided.ndim))
+    std_cond = cond.std(axis=axes, ddof=1, keepdims=True)
+    std_guided = guided.std(axis=axes, ddof=1, keepdims=True)
+    return (phi * guided * (std_cond / std_guided) + (1.0 - phi) * guided).astype(np.float32)
 
 
 def _progress_bar(total: int, enabled: bool):

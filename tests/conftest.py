@@ -6,7 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+# Modules whose randn_tensor draws the per-step noise of stochastic samplers and img2img's added noise.
+NOISE_MODULES = (
+    "diffusers.schedulers.scheduling_euler_ancestral_discrete",
+    "diffusers.schedulers.scheduling_lcm",
+    "diffusers.schedulers.scheduling_ddim",
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",
+)
 
 
 def run_sdrt(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -60,3 +70,48 @@ def tiny_modules(tiny_checkpoint) -> dict:
     from sdrt.export.checkpoint import load_modules, open_checkpoint
 
     return load_modules(open_checkpoint(tiny_checkpoint))
+
+
+@pytest.fixture
+def shared_noise(monkeypatch):
+    """Make diffusers draw its noise from a numpy Generator, in call order, as sdrt's pipeline does."""
+    import importlib
+
+    import torch
+    from diffusers.models.autoencoders import vae as vae_module
+
+    state = {}
+
+    def numpy_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(state["rng"].standard_normal(tuple(shape), dtype=np.float32))
+
+    def sample(self, generator=None):
+        return self.mean + self.std * numpy_randn(self.mean.shape)
+
+    for name in NOISE_MODULES:
+        monkeypatch.setattr(importlib.import_module(name), "randn_tensor", numpy_randn)
+    monkeypatch.setattr(vae_module.DiagonalGaussianDistribution, "sample", sample)
+
+    def reseed(seed):
+        state["rng"] = np.random.default_rng(seed)
+
+    return reseed
+
+
+@pytest.fixture(scope="session")
+def family_engine(tmp_path_factory):
+    """`family_engine("tiny-sdxl")` -> (checkpoint, engine dir) of a tiny random model, each built once."""
+    from sdrt.export.exporter import ExportOptions, export
+    from sdrt.export.random_model import write_random_checkpoint
+
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in built:
+            root = tmp_path_factory.mktemp(name)
+            ckpt = write_random_checkpoint(root / "ckpt", name, seed=0)
+            export(ExportOptions(checkpoint=str(ckpt), out=root / "engine"), log=lambda s: None)
+            built[name] = ckpt, root / "engine"
+        return built[name]
+
+    return get

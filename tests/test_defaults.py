@@ -44,7 +44,7 @@ def test_bad_settings_are_named(kwargs, setting):
 def test_settings_layer_and_read_strictly():
     assert GenerationDefaults(guidance_scale=3).guidance_scale == 3.0
     assert isinstance(GenerationDefaults(guidance_scale=3).guidance_scale, float)
-    assert GenerationDefaults(steps=5).over(BUILTIN_DEFAULTS) == GenerationDefaults(7.5, 5, None)
+    assert GenerationDefaults(steps=5).over(BUILTIN_DEFAULTS) == GenerationDefaults(7.5, 5, None, 0.0)
     assert GenerationDefaults().over(ENGINE_DEFAULTS) == ENGINE_DEFAULTS
     assert GenerationDefaults.from_dict({"steps": 4}) == GenerationDefaults(steps=4)
     with pytest.raises(ValueError, match="unknown setting guidance "):
@@ -72,9 +72,9 @@ def test_manifest_carries_defaults(engine_with_defaults, tiny_engine, tmp_path):
 def test_pipeline_uses_engine_defaults(engine_with_defaults, tiny_engine, monkeypatch):
     from sdrt.runtime import Pipeline
 
-    assert Pipeline.load(tiny_engine).defaults == GenerationDefaults(7.5, 30, "pndm")  # sdrt's + checkpoint's
+    assert Pipeline.load(tiny_engine).defaults == GenerationDefaults(7.5, 30, "pndm", 0.0)  # sdrt's + checkpoint's
     pipe = Pipeline.load(engine_with_defaults)
-    assert pipe.defaults == ENGINE_DEFAULTS
+    assert pipe.defaults == ENGINE_DEFAULTS.over(BUILTIN_DEFAULTS)
     batches = unet_batches(pipe, monkeypatch)
     implicit = pipe("a red circle", seed=3, output_type="np")
     assert batches == [1, 1, 1]  # 3 Euler steps, guidance 1: the conditional half only
@@ -95,7 +95,7 @@ def test_generate_and_inspect_show_engine_defaults(engine_with_defaults, tiny_en
     assert r.returncode == 0, r.stderr
     assert "Steps: 2, Sampler: euler, CFG scale: 4.0, Seed: 5" in Image.open(out).text["parameters"]
     shown = run_sdrt("inspect", str(engine_with_defaults)).stdout
-    assert "defaults     guidance 1   steps 3   scheduler euler\n" in shown
+    assert "defaults     guidance 1   steps 3   scheduler euler   guidance rescale 0 (sdrt's)\n" in shown
     shown = run_sdrt("inspect", str(tiny_engine)).stdout
     assert "defaults     guidance 7.5 (sdrt's)   steps 30 (sdrt's)   scheduler the checkpoint's PNDMScheduler" in shown
 

@@ -14,7 +14,10 @@ from tokenizers import Tokenizer
 from sdrt.export.checkpoint import fingerprint
 from sdrt.export.exporter import geometry
 from sdrt.export.specs import build_specs
-from sdrt.runtime.manifest import COMPONENTS, FORMAT_VERSION, MANIFEST_FILE, Manifest
+from sdrt.export.families import FAMILIES
+from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
+
+FAMILY_COMPONENTS = FAMILIES["sd1"].components
 
 # torch fp32 vs ONNX Runtime fp32 on the tiny model at shapes the export never saw.
 DYNAMIC_SHAPE_ATOL = 1e-4
@@ -28,9 +31,9 @@ def _session(engine, name):
 def test_engine_dir_layout(tiny_engine, tiny_checkpoint):
     m = Manifest.load(tiny_engine)
     assert m.format_version == FORMAT_VERSION and m.family == "sd1"
-    assert tuple(m.components) == COMPONENTS
+    assert tuple(m.components) == FAMILY_COMPONENTS
     assert m.native_resolution == (64, 64) and m.vae_scale_factor == 8 and m.latent_channels == 4
-    assert m.vae_scaling_factor == pytest.approx(0.18215)
+    assert m.vae.scaling_factor == pytest.approx(0.18215)
     assert m.source["fingerprint"] == fingerprint(tiny_checkpoint)
     for key in ("sdrt", "torch", "onnx", "diffusers"):
         assert m.versions[key] != "unknown"
@@ -94,10 +97,10 @@ def test_op_budgets(tiny_engine, tiny_modules, name, torch_name):
     assert "Softmax" not in counts and "InstanceNormalization" not in counts
 
 
-@pytest.mark.parametrize("name", COMPONENTS)
+@pytest.mark.parametrize("name", FAMILY_COMPONENTS)
 def test_dynamic_shapes(tiny_engine, tiny_modules, name):
     """Two batch sizes x two resolutions per component, against the torch module."""
-    specs = build_specs(geometry(tiny_modules))
+    specs = build_specs(geometry(FAMILIES["sd1"], tiny_modules))
     spec = specs[name]
     module = spec.wrapper(tiny_modules).eval()
     session = _session(tiny_engine, name)
@@ -124,18 +127,18 @@ def test_dynamic_shapes(tiny_engine, tiny_modules, name):
 
 def test_tokenizer_json(tiny_engine, tiny_modules):
     m = Manifest.load(tiny_engine)
-    tok = Tokenizer.from_file(str(tiny_engine / m.tokenizer["file"]))
+    tok = Tokenizer.from_file(str(tiny_engine / m.tokenizers["text_encoder"]["file"]))
     reference = tiny_modules["tokenizer"]
-    assert m.tokenizer["max_length"] == 77
+    assert m.tokenizers["text_encoder"]["max_length"] == 77
     for prompt in ["a red circle", "", "a photo of a cat, 红色的圆形 ünïcode", "a red circle " * 40]:
         ids = tok.encode(prompt).ids
         expected = reference(prompt, padding="max_length", max_length=77, truncation=True).input_ids
         assert ids == expected
-        assert len(ids) == 77 and ids[0] == m.tokenizer["bos_id"]
+        assert len(ids) == 77 and ids[0] == m.tokenizers["text_encoder"]["bos_id"]
     long_ids = tok.encode("a red circle " * 40).ids
-    assert long_ids[-1] == m.tokenizer["eos_id"]  # truncation keeps the end-of-text token
+    assert long_ids[-1] == m.tokenizers["text_encoder"]["eos_id"]  # truncation keeps the end-of-text token
     short = tok.encode("a red circle").ids
-    assert short[-1] == m.tokenizer["pad_id"]
+    assert short[-1] == m.tokenizers["text_encoder"]["pad_id"]
 
 
 def test_scheduler_json(tiny_engine, tiny_modules):

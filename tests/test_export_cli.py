@@ -61,9 +61,12 @@ def test_garbage_safetensors(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "edit, family",
     [
-        (lambda idx, unet: idx.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"]), "sdxl"),
-        (lambda idx, unet: idx.update(text_encoder=["transformers", "BertModel"]), "taiyi"),
-        (lambda idx, unet: unet.update(cross_attention_dim=1024, use_linear_projection=True), "sd2"),
+        (lambda idx, unet: idx.update(text_encoder=[None, None], text_encoder_2=["transformers", "x"]),
+         "sdxl-refiner"),
+        (lambda idx, unet: unet.update(addition_embed_type="text_time", in_channels=9), "sdxl-inpaint"),
+        (lambda idx, unet: unet.update(in_channels=9), "sd-inpaint"),
+        (lambda idx, unet: idx.update(_class_name="StableDiffusion3Pipeline", transformer=["diffusers", "x"]),
+         "stablediffusion3"),
     ],
 )
 def test_unsupported_family(tiny_checkpoint, tmp_path, edit, family):

@@ -25,13 +25,6 @@ DIFFUSERS_CLASS = {
     "lcm": ("LCMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
-# Modules whose randn_tensor draws the per-step noise of stochastic samplers.
-NOISE_MODULES = (
-    "diffusers.schedulers.scheduling_euler_ancestral_discrete",
-    "diffusers.schedulers.scheduling_lcm",
-    "diffusers.schedulers.scheduling_ddim",
-    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
-)
 PROMPTS = ["a red circle", "a photo of a cat, 红色的圆形"]
 NEGATIVE = ["blurry", ""]
 
@@ -62,31 +55,6 @@ def _diffusers(kind, ckpt, name):
                                requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@pytest.fixture
-def shared_noise(monkeypatch):
-    """Make diffusers draw its noise from a numpy Generator, in call order, as sdrt's pipeline does."""
-    import importlib
-
-    from diffusers.models.autoencoders import vae as vae_module
-
-    state = {}
-
-    def numpy_randn(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(state["rng"].standard_normal(tuple(shape), dtype=np.float32))
-
-    def sample(self, generator=None):
-        return self.mean + self.std * numpy_randn(self.mean.shape)
-
-    for name in NOISE_MODULES:
-        monkeypatch.setattr(importlib.import_module(name), "randn_tensor", numpy_randn)
-    monkeypatch.setattr(vae_module.DiagonalGaussianDistribution, "sample", sample)
-
-    def reseed(seed):
-        state["rng"] = np.random.default_rng(seed)
-
-    return reseed
 
 
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
