@@ -153,7 +153,8 @@ def open_checkpoint(arg: str | Path) -> Checkpoint:
 
 def check_defaults(defaults: GenerationDefaults, where: str) -> GenerationDefaults:
     if defaults.scheduler is not None and defaults.scheduler not in SCHEDULER_NAMES:
-        raise UserError(f"{where}: unknown scheduler '{defaults.scheduler}' (choose from: {', '.join(SCHEDULER_NAMES)})")
+        raise UserError(f"{where}: unknown scheduler '{defaults.scheduler}' "
+                        f"(choose from: {', '.join(SCHEDULER_NAMES)})")
     return defaults
 
 

@@ -121,47 +121,24 @@ CONFIGS = {
 }
 
 
+# The noise schedule every SD 1.x/2.x/SDXL/Taiyi scheduler config ships with.
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
 def sd1_scheduler_config() -> dict:
     """The PNDM scheduler config that ships with stable-diffusion-v1-5 (also SD 2.x base and Taiyi)."""
-    return dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    return dict(**SD_BETAS, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, prediction_type="epsilon")
 
 
 def sd2_v_scheduler_config() -> dict:
     """The DDIM scheduler config that ships with stable-diffusion-2-1 (768, v-prediction)."""
-    return dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction",
-    )
+    return dict(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
 
 
 def sdxl_scheduler_config() -> dict:
     """The Euler scheduler config that ships with stable-diffusion-xl-base-1.0."""
-    return dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        interpolation_type="linear",
-        prediction_type="epsilon",
-        steps_offset=1,
-        timestep_spacing="leading",
-        use_karras_sigmas=False,
-    )
+    return dict(**SD_BETAS, interpolation_type="linear", prediction_type="epsilon", steps_offset=1,
+                timestep_spacing="leading", use_karras_sigmas=False)
 
 
 # name -> (diffusers scheduler class, its config)

@@ -140,18 +140,24 @@ def test_guidance_rescale_matches_diffusers(sd2v, shared_noise):
     assert _diff(ours, plain) > 10 * PIXEL_PARITY_ATOL  # the rescale did something
 
 
+def _img2img_parity(kind: str, ckpt, pipe, shared_noise, name: str | None, image, prompt: str, negative=None,
+                    strength: float = 0.6) -> np.ndarray:
+    """sdrt's image-to-image against diffusers' pipeline `kind`, with the same noise; returns sdrt's images."""
+    shared_noise(21)
+    ours = pipe(prompt, negative, steps=10, strength=strength, scheduler=name, seed=21, image=image,
+                output_type="np")
+    shared_noise(21)
+    theirs = _reference(kind, ckpt, name)(prompt, image=image, negative_prompt=negative, num_inference_steps=10,
+                                          strength=strength, output_type="np").images
+    assert _diff(ours, theirs) <= PIXEL_PARITY_ATOL, name
+    return ours
+
+
 @pytest.mark.parametrize("name", ["ddim", "dpmpp-2m", "euler-a"])
 def test_sd2_v_img2img(sd2v, shared_noise, name):
     ckpt, pipe = sd2v
-    image = _init_image(96, 96)
-    shared_noise(21)
-    ours = pipe("a red circle", "blurry", steps=10, strength=0.6, scheduler=name, seed=21, image=image,
-                output_type="np")
-    shared_noise(21)
-    theirs = _reference("StableDiffusionImg2ImgPipeline", ckpt, name)(
-        "a red circle", image=image, negative_prompt="blurry", num_inference_steps=10, strength=0.6,
-        output_type="np").images
-    assert _diff(ours, theirs) <= PIXEL_PARITY_ATOL, name
+    _img2img_parity("StableDiffusionImg2ImgPipeline", ckpt, pipe, shared_noise, name, _init_image(96, 96),
+                    "a red circle", "blurry")
 
 
 # --- SDXL ------------------------------------------------------------------------------------------
@@ -232,16 +238,9 @@ def test_sdxl_micro_conditioning_and_rescale(sdxl):
 @pytest.mark.parametrize("name", ["euler", "dpmpp-2m"])
 def test_sdxl_img2img(sdxl, shared_noise, name):
     ckpt, pipe = sdxl
-    image = _init_image(80, 48)
-    shared_noise(21)
-    ours = pipe(PROMPTS[0], "blurry", steps=10, strength=0.6, scheduler=name, seed=21, image=image,
-                output_type="np")
-    shared_noise(21)
-    theirs = _reference("StableDiffusionXLImg2ImgPipeline", ckpt, name)(
-        PROMPTS[0], image=image, negative_prompt="blurry", num_inference_steps=10, strength=0.6,
-        output_type="np").images
+    ours = _img2img_parity("StableDiffusionXLImg2ImgPipeline", ckpt, pipe, shared_noise, name, _init_image(80, 48),
+                           PROMPTS[0], "blurry")
     assert ours.shape == (1, 48, 80, 3)
-    assert _diff(ours, theirs) <= PIXEL_PARITY_ATOL, name
 
 
 # --- Taiyi -----------------------------------------------------------------------------------------
@@ -273,13 +272,8 @@ def test_taiyi_txt2img_chinese(taiyi):
 
 def test_taiyi_img2img(taiyi, shared_noise):
     ckpt, pipe = taiyi
-    image = _init_image(64, 64)
-    shared_noise(3)
-    ours = pipe(ZH_PROMPTS[0], steps=10, strength=0.7, scheduler="euler-a", seed=3, image=image, output_type="np")
-    shared_noise(3)
-    theirs = _reference("StableDiffusionImg2ImgPipeline", ckpt, "euler-a")(
-        ZH_PROMPTS[0], image=image, num_inference_steps=10, strength=0.7, output_type="np").images
-    assert _diff(ours, theirs) <= PIXEL_PARITY_ATOL
+    _img2img_parity("StableDiffusionImg2ImgPipeline", ckpt, pipe, shared_noise, "euler-a", _init_image(64, 64),
+                    ZH_PROMPTS[0], strength=0.7)
 
 
 def test_seed_case_taiyi_attn_procs_lora_50_steps(taiyi, tmp_path):
