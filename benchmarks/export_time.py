@@ -1,8 +1,10 @@
-"""Export time and peak RSS of an SD 1.x architecture with random weights (full-size "sd15" or "tiny").
+"""Export time and peak RSS of a model architecture with random weights (any export/random_model.py name).
 
     python benchmarks/export_time.py --components unet --json benchmarks/results/export_sd15_unet_cpu.json
     python benchmarks/export_time.py --model tiny --components text_encoder unet vae_decoder vae_encoder \
         --json benchmarks/results/export_tiny_cpu.json
+    python benchmarks/export_time.py --model sdxl --components text_encoder text_encoder_2 unet \
+        --json benchmarks/results/export_sdxl_cpu.json
 
 Writes a random-weight diffusers folder with the real architecture (export/random_model.py CONFIGS),
 runs `sdrt export` on it in a child process and reports wall time and the child's peak RSS, plus each
