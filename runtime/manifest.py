@@ -7,6 +7,7 @@ the format version defined here. docs/engine-dir.md documents the same format fo
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, astuple, dataclass, field, fields
 from pathlib import Path
 
@@ -214,7 +215,7 @@ class GenerationDefaults:
 
 
 def _number(x, lo: float, hi: float, inclusive: bool = False) -> bool:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):  # numpy scalars are Real too
         return False
     return lo <= x <= hi if inclusive else lo <= x < hi
 

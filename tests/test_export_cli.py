@@ -107,8 +107,11 @@ def test_overwrite_replaces_dir(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, sig):
     out = tmp_path / "eng"
+    # A shell starts background jobs with SIGINT ignored, and children inherit that; give the export the
+    # default handling a terminal user's Ctrl-C meets, whatever launched these tests.
     proc = subprocess.Popen([sys.executable, "-m", "sdrt.runtime.cli", "export", "--checkpoint",
-                             str(tiny_checkpoint), "--out", str(out)], stderr=subprocess.PIPE, text=True)
+                             str(tiny_checkpoint), "--out", str(out)], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     # Interrupt once the staging folder holds a finished graph: the middle of the export.
     while not list(tmp_path.glob(".eng.partial-*/text_encoder/model.onnx")):
