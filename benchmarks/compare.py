@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-STAGES = ("text_encoder", "vae_encoder", "unet_step", "vae_decoder", "overhead")
+STAGES = ("text_encoder", "text_encoder_2", "vae_encoder", "unet_step", "vae_decoder", "overhead")
 
 
 def load(paths: list[Path]) -> list[dict]:

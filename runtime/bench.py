@@ -37,7 +37,7 @@ DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 # (other weights, another LoRA merged) misses by the size of the output itself.
 SAME_WEIGHTS_FP32 = (1e-4, 1e-4)
 SAME_WEIGHTS_FP16 = (1e-2, 2e-2)
-STAGE_ORDER = ("text_encoder", "vae_encoder", "unet_step", "vae_decoder", "overhead")
+STAGE_ORDER = ("text_encoder", "text_encoder_2", "vae_encoder", "unet_step", "vae_decoder", "overhead")
 HEAVY_FOR_BASELINE = ("torch", "diffusers", "transformers")
 
 
