@@ -64,6 +64,23 @@ def _latents(seed: int, n: int, h: int, w: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 4, h // 8, w // 8), dtype=np.float32)
 
 
+def _txt2img_parity(kind: str, ckpt, pipe, prompt, negative, latents: np.ndarray, name: str | None = None,
+                    steps: int = 6, noise=None, **settings) -> np.ndarray:
+    """sdrt's text-to-image against diffusers' pipeline `kind` from the same latents (and the same per-step noise
+    when `noise` is the shared_noise fixture); `settings` (guidance_scale, sizes, ...) go to both under diffusers'
+    names. Returns sdrt's images."""
+    if noise:
+        noise(11)
+    ours = pipe(prompt, negative, steps=steps, scheduler=name, seed=11, latents=latents, output_type="np",
+                **settings)
+    if noise:
+        noise(11)
+    theirs = _reference(kind, ckpt, name)(prompt, negative_prompt=negative, num_inference_steps=steps,
+                                          latents=torch.from_numpy(latents), output_type="np", **settings).images
+    assert _diff(ours, theirs) <= PIXEL_PARITY_ATOL, name
+    return ours
+
+
 @pytest.fixture(scope="module")
 def sd2v(family_engine):
     ckpt, engine = family_engine("tiny-sd2-v")
@@ -89,15 +106,9 @@ def test_sd2_v_prediction_under_every_scheduler(sd2v, shared_noise, name):
     ckpt, pipe = sd2v
     steps, guidance = (4, 1.0) if name == "lcm" else (8, 7.5)
     latents = _latents(7, 2, 96, 96)  # the "768" model in miniature: native 96 px, not 64
-    shared_noise(11)
-    ours = pipe(PROMPTS, NEGATIVE, steps=steps, guidance_scale=guidance, scheduler=name, seed=11, latents=latents,
-                output_type="np")
-    shared_noise(11)
-    theirs = _reference("StableDiffusionPipeline", ckpt, name)(
-        PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance,
-        latents=torch.from_numpy(latents), output_type="np").images
+    ours = _txt2img_parity("StableDiffusionPipeline", ckpt, pipe, PROMPTS, NEGATIVE, latents, name, steps,
+                           shared_noise, guidance_scale=guidance)
     assert ours.shape == (2, 96, 96, 3)
-    assert _diff(ours, theirs) <= PIXEL_PARITY_ATOL, name
 
 
 def test_sd2_manifest_and_tokenizer(sd2v, family_engine):
@@ -117,26 +128,18 @@ def test_sd2_manifest_and_tokenizer(sd2v, family_engine):
     assert ids.tolist() == expected and ids[1, -1] == reference.convert_tokens_to_ids("!")
 
 
-def test_sd2_base_matches_diffusers(family_engine, shared_noise):
+def test_sd2_base_matches_diffusers(family_engine):
     ckpt, engine = family_engine("tiny-sd2")
-    latents = _latents(3, 1, 64, 64)
-    ours = Pipeline.load(engine)("a red circle", "blurry", steps=6, latents=latents, output_type="np")
-    theirs = _reference("StableDiffusionPipeline", ckpt)("a red circle", negative_prompt="blurry",
-                                                          num_inference_steps=6, latents=torch.from_numpy(latents),
-                                                          output_type="np").images
-    assert _diff(ours, theirs) <= PIXEL_PARITY_ATOL
+    _txt2img_parity("StableDiffusionPipeline", ckpt, Pipeline.load(engine), "a red circle", "blurry",
+                    _latents(3, 1, 64, 64))
 
 
-def test_guidance_rescale_matches_diffusers(sd2v, shared_noise):
+def test_guidance_rescale_matches_diffusers(sd2v):
     ckpt, pipe = sd2v
     latents = _latents(5, 1, 96, 96)
-    ours = pipe(PROMPTS[0], steps=6, guidance_scale=9.0, guidance_rescale=0.7, scheduler="ddim", latents=latents,
-                output_type="np")
+    ours = _txt2img_parity("StableDiffusionPipeline", ckpt, pipe, PROMPTS[0], None, latents, "ddim",
+                           guidance_scale=9.0, guidance_rescale=0.7)
     plain = pipe(PROMPTS[0], steps=6, guidance_scale=9.0, scheduler="ddim", latents=latents, output_type="np")
-    theirs = _reference("StableDiffusionPipeline", ckpt, "ddim")(
-        PROMPTS[0], num_inference_steps=6, guidance_scale=9.0, guidance_rescale=0.7,
-        latents=torch.from_numpy(latents), output_type="np").images
-    assert _diff(ours, theirs) <= PIXEL_PARITY_ATOL
     assert _diff(ours, plain) > 10 * PIXEL_PARITY_ATOL  # the rescale did something
 
 
@@ -182,28 +185,16 @@ def test_sdxl_manifest(sdxl):
 def test_sdxl_txt2img_non_square(sdxl, shared_noise, name):
     ckpt, pipe = sdxl
     h, w = 48, 80
-    latents = _latents(7, 4, h, w)
-    shared_noise(11)
-    ours = pipe(PROMPTS, NEGATIVE, steps=8, scheduler=name, seed=11, height=h, width=w, num_images_per_prompt=2,
-                latents=latents, output_type="np")
-    shared_noise(11)
-    theirs = _reference("StableDiffusionXLPipeline", ckpt, name)(
-        PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=8, height=h, width=w, num_images_per_prompt=2,
-        latents=torch.from_numpy(latents), output_type="np").images
+    ours = _txt2img_parity("StableDiffusionXLPipeline", ckpt, pipe, PROMPTS, NEGATIVE, _latents(7, 4, h, w), name, 8,
+                           shared_noise, height=h, width=w, num_images_per_prompt=2)
     assert ours.shape == (4, h, w, 3)
-    assert _diff(ours, theirs) <= PIXEL_PARITY_ATOL, name
     assert _diff(ours[0], ours[2]) > 0.01  # distinct prompts give distinct images
 
 
 @pytest.mark.parametrize("negative", [None, "", "blurry"])
 def test_sdxl_negative_and_empty_prompts(sdxl, negative):
     ckpt, pipe = sdxl
-    latents = _latents(9, 1, 64, 64)
-    ours = pipe("a red circle", negative, steps=6, latents=latents, output_type="np")
-    theirs = _reference("StableDiffusionXLPipeline", ckpt)("a red circle", negative_prompt=negative,
-                                                            num_inference_steps=6, latents=torch.from_numpy(latents),
-                                                            output_type="np").images
-    assert _diff(ours, theirs) <= PIXEL_PARITY_ATOL
+    _txt2img_parity("StableDiffusionXLPipeline", ckpt, pipe, "a red circle", negative, _latents(9, 1, 64, 64))
 
 
 def test_sdxl_no_negative_prompt_means_zeros(sdxl, monkeypatch):
@@ -226,12 +217,9 @@ def test_sdxl_micro_conditioning_and_rescale(sdxl):
     ckpt, pipe = sdxl
     latents = _latents(4, 1, 64, 64)
     micro = dict(original_size=(128, 96), crops_coords_top_left=(8, 16), target_size=(64, 48))
-    ours = pipe("a red circle", "blurry", steps=6, guidance_rescale=0.5, latents=latents, output_type="np", **micro)
+    ours = _txt2img_parity("StableDiffusionXLPipeline", ckpt, pipe, "a red circle", "blurry", latents,
+                           guidance_rescale=0.5, **micro)
     default = pipe("a red circle", "blurry", steps=6, guidance_rescale=0.5, latents=latents, output_type="np")
-    theirs = _reference("StableDiffusionXLPipeline", ckpt)(
-        "a red circle", negative_prompt="blurry", num_inference_steps=6, guidance_rescale=0.5,
-        latents=torch.from_numpy(latents), output_type="np", **micro).images
-    assert _diff(ours, theirs) <= PIXEL_PARITY_ATOL
     assert _diff(ours, default) > 2 * PIXEL_PARITY_ATOL  # the sizes reach the UNet (tiny random weights: weakly)
 
 
@@ -261,12 +249,8 @@ def test_taiyi_tokenizer_matches_transformers(taiyi):
 def test_taiyi_txt2img_chinese(taiyi):
     ckpt, pipe = taiyi
     assert pipe.manifest.conditioning.context_length == 512
-    latents = _latents(2, 2, 64, 64)
-    ours = pipe(ZH_PROMPTS, ZH_NEGATIVE, steps=8, latents=latents, output_type="np")
-    theirs = _reference("StableDiffusionPipeline", ckpt)(ZH_PROMPTS, negative_prompt=[ZH_NEGATIVE] * 2,
-                                                         num_inference_steps=8, latents=torch.from_numpy(latents),
-                                                         output_type="np").images
-    assert _diff(ours, theirs) <= PIXEL_PARITY_ATOL
+    ours = _txt2img_parity("StableDiffusionPipeline", ckpt, pipe, ZH_PROMPTS, [ZH_NEGATIVE] * 2, _latents(2, 2, 64, 64),
+                           steps=8)
     assert _diff(ours[0], ours[1]) > 0.01
 
 
