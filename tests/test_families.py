@@ -354,3 +354,19 @@ def test_version_1_engine_dirs_still_run(tiny_engine, tiny_checkpoint, tmp_path)
     (old / MANIFEST_FILE).write_text(json.dumps(d))
     r = run_sdrt("inspect", str(old))
     assert_one_line_error(r, "manifest format version 3 is not supported", "re-export the checkpoint")
+
+
+def test_vae_latent_statistics_follow_diffusers():
+    """A VAE with latents_mean/latents_std (diffusers' SDXL pipelines' formulas); without them, plain scaling."""
+    from sdrt.runtime.manifest import VaeInfo
+
+    x = np.random.default_rng(0).standard_normal((2, 4, 3, 5), dtype=np.float32)
+    mean, std = (0.1, -0.2, 0.3, 0.0), (0.9, 1.1, 1.0, 0.5)
+    vae = VaeInfo(scaling_factor=0.5, latents_mean=mean, latents_std=std)
+    m, s = np.array(mean, np.float32).reshape(1, 4, 1, 1), np.array(std, np.float32).reshape(1, 4, 1, 1)
+    np.testing.assert_allclose(vae.to_latents(x), (x - m) * 0.5 / s, rtol=1e-6)  # img2img prepare_latents
+    np.testing.assert_allclose(vae.from_latents(x), x * s / 0.5 + m, rtol=1e-6)  # before vae.decode
+    np.testing.assert_allclose(vae.from_latents(vae.to_latents(x)), x, atol=1e-6)
+    plain = VaeInfo(scaling_factor=0.13025)
+    np.testing.assert_allclose(plain.to_latents(x), x * np.float32(0.13025), rtol=1e-6)
+    assert plain.to_latents(x).dtype == np.float32 and vae.from_latents(x).dtype == np.float32
