@@ -182,7 +182,8 @@ def _unet(g: Geometry, lat: Axis) -> ComponentSpec:
         TensorSpec("encoder_hidden_states", f32, ("batch", g.context_length, g.context_dim)),
     ]
     if g.time_ids:
-        inputs += [TensorSpec(TEXT_EMBEDS, f32, ("batch", g.pooled_dim)), TensorSpec("time_ids", f32, ("batch", g.time_ids))]
+        inputs += [TensorSpec(TEXT_EMBEDS, f32, ("batch", g.pooled_dim)),
+                   TensorSpec("time_ids", f32, ("batch", g.time_ids))]
 
     def sample_inputs(s, gen):
         b = s["batch"]

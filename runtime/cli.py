@@ -85,7 +85,8 @@ def _run_export(args) -> int:
          "guidance_rescale": "--default-guidance-rescale"},
         args.default_guidance, args.default_steps, args.default_scheduler, args.default_guidance_rescale)
     export(ExportOptions(checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite,
-                         components=tuple(args.components) if args.components else None, loras=tuple(LoraSpec.parse(a) for a in args.lora),
+                         components=tuple(args.components) if args.components else None,
+                         loras=tuple(LoraSpec.parse(a) for a in args.lora),
                          lora_allow_partial=args.lora_allow_partial, defaults=defaults))
     return 0
 
