@@ -1,7 +1,7 @@
-"""Read a diffusers-format checkpoint folder: check it, detect its model family, load its modules.
+"""Read a checkpoint, a diffusers folder or a single file: check it, detect its model family, load its modules.
 
 Every problem a user can cause (missing folder, not a diffusers SD folder, corrupt weights, unsupported
-family) becomes one `UserError` line before anything is written.
+family) becomes one `UserError` line before anything is written. Single files are export/single_file.py's.
 """
 
 from __future__ import annotations
@@ -33,17 +33,48 @@ DEFAULTS_FILE = "sdrt_defaults.json"
 
 
 @dataclass(frozen=True)
+class SourceOptions:
+    """How to read the checkpoint where its own files are wrong or silent (recorded in the manifest)."""
+
+    vae: str | None = None  # a VAE file or folder replacing the checkpoint's
+    prediction_type: str | None = None  # "epsilon" | "v_prediction"
+    native_size: int | None = None  # pixels
+    tokenizer: str | None = None  # single files: a tokenizer folder instead of sdrt's CLIP vocabulary
+    ema: bool = True  # single files with an EMA copy of the UNet: use it
+
+    def overrides(self) -> dict:
+        given = dict(vae=self.vae and str(resolve_path(self.vae).resolve()), prediction_type=self.prediction_type,
+                     native_size=self.native_size, tokenizer=self.tokenizer and str(Path(self.tokenizer).resolve()),
+                     ema=None if self.ema else False)
+        return {k: v for k, v in given.items() if v is not None}
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     path: Path
     family: str
     model_index: dict
     unet_config: dict
-    vae_config: dict
+    vae_config: dict | None
     defaults: GenerationDefaults = GenerationDefaults()
+    options: SourceOptions = SourceOptions()
+    single_file: object | None = None  # export/single_file.py's SingleFile plan when the source is one file
 
     @property
     def spec(self) -> ExportFamily:
         return FAMILIES[self.family]
+
+    def source(self) -> dict:
+        """The manifest's record of where the weights came from (sha256 over the bytes) and how they were read."""
+        record = dict(path=str(self.path.resolve()), format="single-file" if self.single_file else "diffusers",
+                      fingerprint=fingerprint(self.path))
+        if self.single_file:
+            record["detected"] = self.single_file.detected
+        if overrides := self.options.overrides():
+            record["overrides"] = overrides
+        if self.options.vae:
+            record["vae"] = dict(path=overrides["vae"], fingerprint=fingerprint(resolve_path(self.options.vae)))
+        return record
 
 
 def _demo_dir() -> Path | None:
@@ -115,13 +146,25 @@ def check_weights(folder: Path) -> list[Path]:
     return files
 
 
-def open_checkpoint(arg: str | Path) -> Checkpoint:
-    """Check the folder layout, the weights and the family; load nothing heavy."""
+def _check_options(opts: SourceOptions) -> None:
+    if opts.vae is not None and not resolve_path(opts.vae).exists():
+        raise UserError(f"--vae {opts.vae}: not found")
+    if opts.tokenizer is not None and not Path(opts.tokenizer).is_dir():
+        raise UserError(f"--tokenizer {opts.tokenizer}: not a folder")
+    if opts.native_size is not None and opts.native_size <= 0:
+        raise UserError(f"--native-size must be positive, got {opts.native_size}")
+
+
+def open_checkpoint(arg: str | Path, opts: SourceOptions = SourceOptions()) -> Checkpoint:
+    """Check the layout, the weights and the family; load nothing heavy."""
     path = resolve_path(arg)
     if not path.exists():
         raise UserError(f"checkpoint not found: {arg}")
-    if not path.is_dir():
-        raise UserError(f"{arg} is not a folder; sdrt export reads a diffusers-format checkpoint folder")
+    _check_options(opts)
+    if path.is_file():
+        return _open_single_file(path, opts)
+    if opts.tokenizer is not None or not opts.ema:
+        raise UserError("--tokenizer and --no-ema apply to single-file checkpoints; a diffusers folder has its own")
     index_path = path / "model_index.json"
     if not index_path.is_file():
         raise UserError(f"{arg} is not a diffusers Stable Diffusion checkpoint (no model_index.json)")
@@ -148,7 +191,18 @@ def open_checkpoint(arg: str | Path) -> Checkpoint:
         check_weights(path / part)
     vae_config = _read_json(path / "vae" / "config.json")
     return Checkpoint(path=path, family=family, model_index=model_index, unet_config=unet_config,
-                      vae_config=vae_config, defaults=read_defaults(path / DEFAULTS_FILE))
+                      vae_config=vae_config, defaults=read_defaults(path / DEFAULTS_FILE), options=opts)
+
+
+def _open_single_file(path: Path, opts: SourceOptions) -> Checkpoint:
+    from .single_file import open_single_file
+
+    family, plan = open_single_file(path, opts)
+    spec = FAMILIES[family]
+    model_index = {"_class_name": spec.pipeline,
+                   **{r.component: ["transformers", e.model_class] for r, e in zip(spec.text_encoders, plan.encoders)}}
+    return Checkpoint(path=path, family=family, model_index=model_index, unet_config=plan.unet_config,
+                      vae_config=plan.vae_config, options=opts, single_file=plan)
 
 
 def check_defaults(defaults: GenerationDefaults, where: str) -> GenerationDefaults:
@@ -178,8 +232,13 @@ def _fingerprinted(path: Path, f: Path) -> bool:
 
 
 def fingerprint(path: Path) -> str:
-    """sha256 over every file's relative path and bytes: the same folder always gives the same value."""
+    """sha256 of a file's bytes, or over every file's relative path and bytes of a folder: same input, same value."""
     h = hashlib.sha256()
+    if path.is_file():
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest()
     for f in sorted(p for p in path.rglob("*") if _fingerprinted(path, p)):
         h.update(f.relative_to(path).as_posix().encode() + b"\0")
         with f.open("rb") as fh:
@@ -220,11 +279,29 @@ def _quiet_loading():
 
 
 def load_modules(ckpt: Checkpoint) -> dict:
-    """The torch modules and the tokenizer/scheduler objects, fp32, in eval mode.
+    """The torch modules and the tokenizer/scheduler objects, fp32, in eval mode; --vae replaces the VAE.
 
     Text encoders and tokenizers are keyed by their checkpoint folder names (text_encoder, tokenizer_2, ...);
     their classes come from model_index.json, already checked against the family's allowed ones.
     """
+    from .single_file import LDM_FAMILIES, load_single_file, load_vae
+
+    opts = ckpt.options
+    with _quiet_loading():
+        if ckpt.single_file is not None:
+            names = {r.component: r.tokenizer for r in ckpt.spec.text_encoders}
+            tokenizer = Path(opts.tokenizer) if opts.tokenizer else None
+            modules = load_single_file(ckpt.single_file, tokenizer, names)
+        else:
+            modules = _load_folder(ckpt)
+        if opts.vae:
+            unet = modules["unet"].config
+            scaling = (ckpt.vae_config or {}).get("scaling_factor") or LDM_FAMILIES[ckpt.family].vae_scaling
+            modules["vae"] = load_vae(resolve_path(opts.vae), scaling, unet.sample_size * 8)
+    return modules
+
+
+def _load_folder(ckpt: Checkpoint) -> dict:
     import diffusers
     import torch
     import transformers

@@ -1,4 +1,4 @@
-"""`sdrt export`: checkpoint folder -> validated engine dir, written atomically.
+"""`sdrt export`: checkpoint (folder or single file) -> validated engine dir, written atomically.
 
 Every component takes the same path: wrap -> trace to ONNX -> validate in ONNX Runtime -> manifest entry.
 The dir is built in a temporary sibling and renamed into place at the end, so a failed or interrupted
@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,7 +25,7 @@ from sdrt.runtime.manifest import (UNET, Artifact, Component, Conditioning, Gene
                                    package_versions)
 
 from . import assets
-from .checkpoint import Checkpoint, check_defaults, fingerprint, load_modules, open_checkpoint
+from .checkpoint import Checkpoint, SourceOptions, check_defaults, load_modules, open_checkpoint
 from .families import ExportFamily
 from .lora_merge import LoraSpec, merge_loras
 from .onnx_export import OPSET, export_onnx
@@ -46,6 +46,7 @@ class ExportOptions:
     loras: tuple[LoraSpec, ...] = ()  # merged in order before tracing
     lora_allow_partial: bool = False
     defaults: GenerationDefaults = GenerationDefaults()  # recommended settings; set ones override the checkpoint's
+    source: SourceOptions = SourceOptions()  # --vae, --prediction-type, --native-size, --tokenizer, --no-ema
 
 
 def _seq_len(tokenizer, text_encoder) -> int:
@@ -87,6 +88,25 @@ def geometry(family: ExportFamily, modules: dict) -> Geometry:
         if expected != given:  # diffusers' _get_add_time_ids check: e.g. a refiner's aesthetic-score UNet
             raise UserError(f"the UNet's added conditioning takes {expected} values, {family.name} gives {given}")
     return geo
+
+
+def with_native_size(geo: Geometry, pixels: int | None) -> Geometry:
+    """--native-size: the resolution the engine dir is built around, a multiple of what the UNet can divide."""
+    if pixels is None:
+        return geo
+    multiple = geo.vae_factor * geo.unet_multiple
+    if pixels % multiple:
+        raise UserError(f"--native-size {pixels} is not a multiple of {multiple} (VAE factor x UNet downsampling)")
+    return replace(geo, native_latent=pixels // geo.vae_factor)
+
+
+def describe_source(ckpt: Checkpoint) -> str:
+    """One progress line on how a single file was read: what was detected and what was assumed."""
+    d = ckpt.single_file.detected
+    ema = ", EMA weights" if d["ema"] else ""
+    return (f"single file: {d['family']}, {d['tensors']} tensors ({'/'.join(d['dtypes'])}){ema}; "
+            f"{d['prediction_type']} from {d['prediction_type_from']}; native {d['native_size']} px from "
+            f"{d['native_size_from']}; VAE {d['vae']}")
 
 
 def conditioning(ckpt: Checkpoint, geo: Geometry) -> Conditioning:
@@ -153,7 +173,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
     check_out(out, opts.overwrite)  # before the slow part; checked again when the staging dir is made
     check_defaults(opts.defaults, "default settings")
     t0 = time.perf_counter()
-    ckpt = open_checkpoint(opts.checkpoint)
+    ckpt = open_checkpoint(opts.checkpoint, opts.source)
     defaults = opts.defaults.over(ckpt.defaults).over(ckpt.spec.defaults)
     components = ckpt.spec.components if opts.components is None else tuple(opts.components)
     unknown = [c for c in components if c not in ckpt.spec.components]
@@ -165,13 +185,18 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
     lora_lines: list[str] = []
     loras = merge_loras(opts.loras, modules, opts.lora_allow_partial, lora_lines.append)
     log(f"sdrt export: {ckpt.path} ({ckpt.family}) -> {out}")
+    if ckpt.single_file is not None:
+        log(describe_source(ckpt))
     recommended = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                             for k, v in asdict(defaults).items() if v is not None)
     if recommended:
         log(f"recommended settings: {recommended}")
     for line in lora_lines:
         log(line)
-    geo = geometry(ckpt.spec, modules)
+    geo = with_native_size(geometry(ckpt.spec, modules), opts.source.native_size)
+    fixes = dict(ckpt.spec.scheduler_fixes)
+    if opts.source.prediction_type:
+        fixes["prediction_type"] = opts.source.prediction_type
     specs = build_specs(geo)
     vae = vae_info(modules["vae"])
     gen = torch.Generator().manual_seed(SEED)
@@ -180,7 +205,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
         tokenizers = {t.name: assets.write_tokenizer(modules[role.tokenizer], t.seq_len, tmp,
                                                      assets.tokenizer_file(t.name))
                       for t, role in zip(geo.text_encoders, ckpt.spec.text_encoders)}
-        scheduler = assets.write_scheduler(modules["scheduler"], tmp, ckpt.spec.scheduler_fixes)
+        scheduler = assets.write_scheduler(modules["scheduler"], tmp, fixes)
         release(modules, specs, components)
         for i, name in enumerate(components, 1):
             spec, t = specs[name], time.perf_counter()
@@ -211,7 +236,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
             conditioning=conditioning(ckpt, geo),
             scheduler=scheduler,
             components=done,
-            source=dict(path=str(ckpt.path.resolve()), format="diffusers", fingerprint=fingerprint(ckpt.path)),
+            source=ckpt.source(),
             versions=package_versions(VERSIONED, missing="unknown"),
             loras=loras,
             defaults=defaults,

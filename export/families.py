@@ -12,6 +12,17 @@ from sdrt.runtime.manifest import (SD_PIPELINE_SCHEDULER_FIXES, SDXL_TIME_IDS, T
                                    GenerationDefaults)
 
 CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+# The noise schedule every SD 1.x/2.x/SDXL/Taiyi scheduler config ships with.
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+# The scheduler configs the reference repositories ship (single files carry none): (diffusers class, config).
+PNDM_SD = ("PNDMScheduler",  # stable-diffusion-v1-5, SD 2.x base, Taiyi
+           dict(**SD_BETAS, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, prediction_type="epsilon"))
+DDIM_SD2 = ("DDIMScheduler",  # stable-diffusion-2-1 (768, v-prediction)
+            dict(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                 prediction_type="v_prediction"))
+EULER_SDXL = ("EulerDiscreteScheduler",  # stable-diffusion-xl-base-1.0
+              dict(**SD_BETAS, interpolation_type="linear", prediction_type="epsilon", steps_offset=1,
+                   timestep_spacing="leading", use_karras_sigmas=False))
 BERT_TOKENIZERS = ("BertTokenizer", "BertTokenizerFast")
 
 

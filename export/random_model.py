@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sdrt.export.families import DDIM_SD2, EULER_SDXL, PNDM_SD
 from sdrt.export.random_tokenizers import BOS, EOS, OPENCLIP_PAD, bytes_to_unicode, write_bert_tokenizer
 from sdrt.export.random_tokenizers import write_clip_tokenizer
 
@@ -56,6 +57,9 @@ class TextSize:
     projection_dim: int = 0  # 0: = hidden
     pad: str = EOS  # CLIP pad token; OpenCLIP's encoders pad with "!"
     max_positions: int = 77
+    # "generated": a small BPE vocabulary of its own; "clip": the real CLIP vocabulary that ships with sdrt
+    # (what a single-file export uses, so that a folder and its single file tokenize alike).
+    bpe: str = "generated"
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,13 @@ TINY_VAE = VaeSize((32, 32, 32, 32), 1)  # four blocks: the SD latent factor 8
 TINY_CLIP = TextSize("CLIPTextModel", 32, 2, 4, 37)
 TINY_SD2_UNET = UNetSize((32, 64), 1, (2, 4), 8, (True, False), linear_projection=True, upcast_attention=True)
 TINY_SD2_CLIP = TextSize("CLIPTextModel", 32, 2, 4, 37, act="gelu", pad=OPENCLIP_PAD)
+
+# Tiny models that keep the original families' constants (SD 1.x's 8 heads, 64-wide SD 2.x/SDXL and OpenCLIP
+# heads, CLIP-L's 12 heads, GroupNorm 32) and CLIP's real vocabulary: they can be written as single files and
+# read back from their shapes alone (export/ldm_config.py).
+LDM_UNET = UNetSize((32, 64), 1, 8, 8, (True, False))
+LDM_CLIP_L = TextSize("CLIPTextModel", 48, 2, 12, 64, vocab=49408, bpe="clip")
+LDM_OPEN_CLIP = TextSize("CLIPTextModel", 64, 3, 1, 96, vocab=49408, act="gelu", pad=OPENCLIP_PAD, bpe="clip")
 
 CONFIGS = {
     # Real block types and cross-attention; 64 px native, 8x8 latents, VAE factor 8 like SD 1.x.
@@ -118,35 +129,23 @@ CONFIGS = {
                                     "pndm"),
     "taiyi": RandomModelConfig(
         SD1_UNET, SD_VAE, (TextSize("BertModel", 768, 12, 12, 3072, vocab=21128, max_positions=512),), "pndm"),
+    "ldm-sd1": RandomModelConfig(LDM_UNET, TINY_VAE, (LDM_CLIP_L,), "pndm"),
+    "ldm-sd2-v": RandomModelConfig(
+        UNetSize((64, 128), 1, (1, 2), 8, (True, False), linear_projection=True, upcast_attention=True),
+        TINY_VAE, (LDM_OPEN_CLIP,), "ddim-v"),
+    "ldm-sdxl": RandomModelConfig(
+        UNetSize((64, 128), 2, (1, 2), 8, (False, True), transformer_layers=(1, 2), linear_projection=True,
+                 time_embed_dim=8),
+        VaeSize((32, 32, 32, 32), 1, scaling_factor=0.13025),
+        (LDM_CLIP_L, replace(LDM_OPEN_CLIP, model="CLIPTextModelWithProjection", projection_dim=40)),
+        "euler-leading", pipeline="sdxl"),
+    "ldm-taiyi": RandomModelConfig(LDM_UNET, TINY_VAE, (TextSize("BertModel", 48, 2, 12, 64, max_positions=512),),
+                                   "pndm"),
 }
 
 
-# The noise schedule every SD 1.x/2.x/SDXL/Taiyi scheduler config ships with.
-SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-
-
-def sd1_scheduler_config() -> dict:
-    """The PNDM scheduler config that ships with stable-diffusion-v1-5 (also SD 2.x base and Taiyi)."""
-    return dict(**SD_BETAS, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, prediction_type="epsilon")
-
-
-def sd2_v_scheduler_config() -> dict:
-    """The DDIM scheduler config that ships with stable-diffusion-2-1 (768, v-prediction)."""
-    return dict(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
-
-
-def sdxl_scheduler_config() -> dict:
-    """The Euler scheduler config that ships with stable-diffusion-xl-base-1.0."""
-    return dict(**SD_BETAS, interpolation_type="linear", prediction_type="epsilon", steps_offset=1,
-                timestep_spacing="leading", use_karras_sigmas=False)
-
-
-# name -> (diffusers scheduler class, its config)
-SCHEDULERS = {
-    "pndm": ("PNDMScheduler", sd1_scheduler_config),
-    "ddim-v": ("DDIMScheduler", sd2_v_scheduler_config),
-    "euler-leading": ("EulerDiscreteScheduler", sdxl_scheduler_config),
-}
+# name -> (diffusers scheduler class, its config): the ones the reference repositories ship.
+SCHEDULERS = {"pndm": PNDM_SD, "ddim-v": DDIM_SD2, "euler-leading": EULER_SDXL}
 
 
 def build_unet(cfg: RandomModelConfig):
@@ -242,7 +241,14 @@ def _bert_model(t: TextSize, tokenizer):
 
 
 def _clip_tokenizer(folder: Path, t: TextSize) -> None:
-    write_clip_tokenizer(folder, pad=t.pad)
+    if t.bpe == "clip":
+        from transformers import CLIPTokenizer
+
+        from sdrt.export.single_file import shipped_clip_vocabulary
+
+        CLIPTokenizer.from_pretrained(shipped_clip_vocabulary(), pad_token=t.pad).save_pretrained(folder)
+    else:
+        write_clip_tokenizer(folder, pad=t.pad)
 
 
 def _bert_tokenizer(folder: Path, t: TextSize) -> None:
@@ -312,7 +318,7 @@ def write_random_checkpoint(folder: Path, name: str = "tiny", seed: int = 0) -> 
         del module
         gc.collect()  # the next full-size component must not share RAM with this one
     scheduler_cls, scheduler_config = SCHEDULERS[cfg.scheduler]
-    scheduler = getattr(diffusers, scheduler_cls)(**scheduler_config())
+    scheduler = getattr(diffusers, scheduler_cls)(**scheduler_config)
     scheduler.save_pretrained(folder / "scheduler")
     with torch.device("meta"):  # weightless stand-ins: only their classes reach model_index.json
         modules = {component: build() for component, build in builders.items()}

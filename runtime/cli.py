@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import UserError
 from .manifest import BUILTIN_DEFAULTS, COMPONENTS, GenerationDefaults
 from .schedulers import SCHEDULER_NAMES
+from .schedulers.parameterization import PREDICTION_TYPES
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -38,15 +39,18 @@ def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
         help="export a Stable Diffusion checkpoint to an engine dir",
-        description="Trace a diffusers-format SD 1.x, SD 2.x, SDXL or Taiyi checkpoint (the family is detected) "
+        description="Trace an SD 1.x, SD 2.x, SDXL or Taiyi checkpoint, a diffusers folder or a single "
+        ".safetensors/.ckpt file (the family and sizes are detected from the weights, offline), "
         "to ONNX (opset 23, fused Attention), validate "
         "every graph against torch in ONNX Runtime, and write an engine dir with manifest.json. The dir "
         "appears only when the export succeeds.",
         formatter_class=_Formatter,
     )
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="diffusers checkpoint folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/, "
-                   "scheduler/; SDXL also text_encoder_2/, tokenizer_2/), or 'demo' for the model shipped with sdrt")
+                   "scheduler/; SDXL also text_encoder_2/, tokenizer_2/), a single-file checkpoint in the original "
+                   "LDM/A1111 layout (.safetensors, or a .ckpt read weights-only), or 'demo' for the model shipped "
+                   "with sdrt")
     p.add_argument("--out", required=True, type=Path, metavar="ENGINE_DIR", help="engine dir to create")
     p.add_argument("--overwrite", action="store_true", help="replace ENGINE_DIR if it exists")
     p.add_argument("--components", nargs="+", choices=COMPONENTS, default=None, metavar="NAME",
@@ -57,6 +61,23 @@ def _add_export(sub) -> None:
                    ".bin) into the weights before export, at SCALE (default 1.0); repeat to merge several, in order")
     p.add_argument("--lora-allow-partial", action="store_true",
                    help="merge a LoRA even if some of its keys match no module of the checkpoint")
+    p.add_argument("--vae", default=None, metavar="PATH",
+                   help="replace the checkpoint's VAE with this one: a single file (LDM or diffusers names) or a "
+                   "diffusers VAE folder; it keeps the checkpoint's latent scaling factor unless it is a folder "
+                   "with its own config")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
+                   help="what the UNet predicts, where the checkpoint says it wrongly or not at all; default: the "
+                   "scheduler config of a folder; for single files the family's (SD 2.x: v_prediction, or "
+                   "epsilon for the 512-base release's global_step)")
+    p.add_argument("--native-size", type=int, default=None, metavar="PX",
+                   help="the resolution the model was trained at (the engine dir's native size, its axes span "
+                   "half to twice it); default: the UNet config's sample_size, for single files the family's "
+                   "(SD 1.x/Taiyi 512, SD 2.x 768 for v-prediction else 512, SDXL 1024)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="single files: a tokenizer folder (transformers layout) instead of the CLIP vocabulary "
+                   "that ships with sdrt; required for Taiyi files (its vocab.txt)")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="single files that carry both: use the training UNet weights instead of the EMA copy")
     p.add_argument("--default-guidance", type=float, default=None, metavar="G",
                    help="recommended guidance scale, recorded in the engine dir and used when a generation gives "
                    "none; default: the checkpoint's sdrt_defaults.json, else none (sdrt then uses "
@@ -76,6 +97,7 @@ def _add_export(sub) -> None:
 
 def _run_export(args) -> int:
     try:
+        from sdrt.export.checkpoint import SourceOptions
         from sdrt.export.exporter import ExportOptions, export
         from sdrt.export.lora_merge import LoraSpec
     except ImportError as e:
@@ -84,10 +106,12 @@ def _run_export(args) -> int:
         {"guidance_scale": "--default-guidance", "steps": "--default-steps",
          "guidance_rescale": "--default-guidance-rescale"},
         args.default_guidance, args.default_steps, args.default_scheduler, args.default_guidance_rescale)
+    source = SourceOptions(vae=args.vae, prediction_type=args.prediction_type, native_size=args.native_size,
+                           tokenizer=args.tokenizer, ema=args.ema)
     export(ExportOptions(checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite,
                          components=tuple(args.components) if args.components else None,
                          loras=tuple(LoraSpec.parse(a) for a in args.lora),
-                         lora_allow_partial=args.lora_allow_partial, defaults=defaults))
+                         lora_allow_partial=args.lora_allow_partial, defaults=defaults, source=source))
     return 0
 
 
