@@ -326,6 +326,29 @@ def write_random_checkpoint(folder: Path, name: str = "tiny", seed: int = 0) -> 
     return folder
 
 
+def write_random_single_file(path: Path, name: str = "ldm-sd1", seed: int = 0) -> Path:
+    """Write random model `name` as one .safetensors file in the original (LDM / A1111) layout; returns `path`.
+
+    The diffusers folder is written first (to a temporary sibling) and converted with export/single_file.py's
+    inverse name maps, so the file holds exactly the folder's weights.
+    """
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from sdrt.export.checkpoint import load_modules, open_checkpoint
+    from sdrt.export.single_file import to_single_file
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        ckpt = open_checkpoint(write_random_checkpoint(Path(tmp) / "ckpt", name, seed))
+        modules = load_modules(ckpt)
+        tensors = to_single_file(modules, ckpt.family)
+        del modules
+        save_file(tensors, str(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -334,13 +357,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Write a random-weight Stable Diffusion diffusers checkpoint (real architecture, no download).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("out", type=Path, help="folder to create")
+    p.add_argument("out", type=Path, help="folder to create (with --single-file: the .safetensors file)")
     p.add_argument("--model", choices=sorted(CONFIGS), default="tiny", help="architecture family and size")
     p.add_argument("--seed", type=int, default=0, help="torch seed of the random weights")
+    p.add_argument("--single-file", action="store_true",
+                   help="write one .safetensors file in the original LDM/A1111 layout instead of a diffusers folder "
+                   "(the ldm-* models keep the families' constants, so sdrt reads them back from their shapes)")
     args = p.parse_args(argv)
     if args.out.exists():
         p.error(f"{args.out} already exists")
-    write_random_checkpoint(args.out, args.model, args.seed)
+    if args.single_file:
+        write_random_single_file(args.out, args.model, args.seed)
+    else:
+        write_random_checkpoint(args.out, args.model, args.seed)
     print(f"wrote {args.model} checkpoint to {args.out}")
     return 0
 

@@ -119,7 +119,8 @@ def refuse_non_checkpoint(tf: TensorFile) -> None:
         if _with_prefix(keys, K.EMA_PREFIX):
             raise UserError(f"{name} has only the flattened EMA copy of its UNet (model_ema.*), no "
                             f"{K.UNET_PREFIX}* weights")
-        if any(k.endswith(("encoder.conv_in.weight", "decoder.conv_out.weight")) for k in keys):
+        text = any(k.startswith(("cond_stage_model.", "conditioner.")) for k in keys)
+        if not text and any(k.endswith("decoder.conv_out.weight") for k in keys):
             raise UserError(f"{name} is a VAE file, not a checkpoint: pass it with --vae")
         raise UserError(f"{name} has no Stable Diffusion UNet ({K.UNET_PREFIX}*) among its {len(keys)} tensors")
 

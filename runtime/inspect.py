@@ -71,6 +71,20 @@ def describe_conditioning(m: Manifest) -> str:
     return ", ".join(parts)
 
 
+def describe_source(source: dict) -> list[str]:
+    """Where the weights came from (a single file's sha256 in full), what was detected in it and overridden."""
+    kind = "single file" if source.get("format") == "single-file" else source.get("format", "diffusers")
+    rows = [f"source       {kind} {source.get('path')}", f"             {source.get('fingerprint', '')}"]
+    if d := source.get("detected"):
+        ema = ", EMA weights" if d.get("ema") else ""
+        rows.append(f"detected     {d.get('family')}, {'/'.join(d.get('dtypes', []))}{ema}, "
+                    f"{d.get('prediction_type')} ({d.get('prediction_type_from')}), native {d.get('native_size')} px "
+                    f"({d.get('native_size_from')}), VAE {d.get('vae')}")
+    if o := source.get("overrides"):
+        rows.append("overrides    " + "   ".join(f"{k} {v}" for k, v in o.items()))
+    return rows
+
+
 def render(m: Manifest, engine_dir: Path) -> str:
     h, w = m.native_resolution
     lines = [
@@ -82,7 +96,7 @@ def render(m: Manifest, engine_dir: Path) -> str:
           for name, t in m.tokenizers.items()),
         f"scheduler    {m.scheduler['class_name']} ({m.scheduler['prediction_type']})",
         f"defaults     {describe_defaults(m)}",
-        f"source       {m.source.get('path')}  {m.source.get('fingerprint', '')[:19]}",
+        *describe_source(m.source),
         "versions     " + "  ".join(f"{k} {v}" for k, v in m.versions.items()),
     ]
     for lora in m.loras:

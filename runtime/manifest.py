@@ -236,7 +236,9 @@ class Manifest:
     conditioning: Conditioning
     scheduler: dict  # {"file", "class_name", "prediction_type"} (+ "config_overrides" in migrated v1 dirs)
     components: dict[str, Component]
-    source: dict  # {"path", "fingerprint", "format"}
+    # {"path", "fingerprint", "format": "diffusers" | "single-file"} (+ single files' "detected"; "overrides" and
+    # "vae" {"path", "fingerprint"} where the export flags replaced what the checkpoint says)
+    source: dict
     versions: dict[str, str]
     loras: tuple[LoraRecord, ...] = ()
     defaults: GenerationDefaults = GenerationDefaults()
