@@ -5,10 +5,13 @@
         --json benchmarks/results/export_tiny_cpu.json
     python benchmarks/export_time.py --model sdxl --components text_encoder text_encoder_2 unet \
         --json benchmarks/results/export_sdxl_cpu.json
+    python benchmarks/export_time.py --model sd15 --single-file --components text_encoder unet \
+        vae_decoder vae_encoder --json benchmarks/results/export_sd15_single_file_cpu.json
 
-Writes a random-weight diffusers folder with the real architecture (export/random_model.py CONFIGS),
-runs `sdrt export` on it in a child process and reports wall time and the child's peak RSS, plus each
-component's validation error from the manifest. Nothing is downloaded.
+Writes a random-weight diffusers folder with the real architecture (export/random_model.py CONFIGS), or
+with --single-file one .safetensors file in the original LDM/A1111 layout, runs `sdrt export` on it in a
+child process and reports wall time and the child's peak RSS, plus each component's validation error from
+the manifest. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -41,16 +44,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--components", nargs="+", default=["unet"], help="components to export")
     p.add_argument("--model", default="sd15", help="random architecture from sdrt.export.random_model.CONFIGS")
+    p.add_argument("--single-file", action="store_true",
+                   help="write the checkpoint as one LDM-layout .safetensors file (as civitai/A1111 users hold them)")
     p.add_argument("--json", type=Path, required=True, help="where to write the results")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
-        ckpt, out = Path(scratch) / "checkpoint", Path(scratch) / "engine"
+        ckpt = Path(scratch) / ("checkpoint.safetensors" if args.single_file else "checkpoint")
+        out = Path(scratch) / "engine"
         # RUSAGE_CHILDREN keeps the largest child ever waited for, so the export is measured inside a
         # fresh helper process (--_measure) whose only child is the export.
+        writer = "write_random_single_file" if args.single_file else "write_random_checkpoint"
         write = [sys.executable, "-c",
-                 "import sys; from sdrt.export.random_model import write_random_checkpoint as w; "
+                 f"import sys; from sdrt.export.random_model import {writer} as w; "
                  f"w(sys.argv[1], {args.model!r})", str(ckpt)]
         t = time.perf_counter()
         subprocess.run(write, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -61,7 +68,8 @@ def main() -> int:
         result = subprocess.run(measure, check=True, capture_output=True, text=True)
         wall, peak = json.loads(result.stdout.strip().splitlines()[-1])
         manifest = json.loads((out / "manifest.json").read_text())
-        ckpt_bytes = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+        files = [ckpt] if ckpt.is_file() else [f for f in ckpt.rglob("*") if f.is_file()]
+        ckpt_bytes = sum(f.stat().st_size for f in files)
 
     components = {
         name: {
@@ -77,6 +85,7 @@ def main() -> int:
     report = {
         "benchmark": "export_time",
         "model": args.model,
+        "checkpoint_format": "single-file" if args.single_file else "diffusers",
         "components": components,
         "checkpoint_gib": ckpt_bytes / 2**30,
         "write_checkpoint_s": write_s,

@@ -19,7 +19,7 @@ import torch
 from sdrt.runtime.bench_worker import BenchSettings, serve, stage_times
 from sdrt.runtime.schedulers import SCHEDULERS
 
-from .checkpoint import _quiet_loading, open_checkpoint
+from .checkpoint import SourceOptions, _quiet_loading, load_modules, open_checkpoint
 
 
 class DiffusersContender:
@@ -31,17 +31,27 @@ class DiffusersContender:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.name = "diffusers-torch-fp16-sdpa" if self.device == "cuda" else "diffusers-torch-fp32"
-        ckpt = open_checkpoint(settings.checkpoint)
+        ckpt = open_checkpoint(settings.checkpoint, SourceOptions(**settings.checkpoint_options))
         spec = SCHEDULERS[settings.scheduler]
+        # The family's own pipeline (StableDiffusion(XL)Pipeline), or its image-to-image sibling.
+        name = ckpt.spec.pipeline.replace("Pipeline", "Img2ImgPipeline" if settings.init_image else "Pipeline")
+        self.xl = "XL" in name
+        extra = dict(add_watermarker=False) if self.xl else dict(safety_checker=None, requires_safety_checker=False)
         with _quiet_loading():
-            base = getattr(diffusers, ckpt.model_index["scheduler"][1]).from_pretrained(ckpt.path / "scheduler")
-            scheduler = getattr(diffusers, spec.diffusers_class).from_config(base.config, **spec.overrides)
-            # The family's own pipeline (StableDiffusion(XL)Pipeline), or its image-to-image sibling.
-            name = ckpt.spec.pipeline.replace("Pipeline", "Img2ImgPipeline" if settings.init_image else "Pipeline")
-            self.xl = "XL" in name
-            extra = dict(add_watermarker=False) if self.xl else dict(safety_checker=None, requires_safety_checker=False)
-            self.pipe = getattr(diffusers, name).from_pretrained(ckpt.path, scheduler=scheduler, torch_dtype=dtype,
-                                                                 **extra).to(self.device)
+            if ckpt.single_file is None and ckpt.options == SourceOptions():
+                base = getattr(diffusers, ckpt.model_index["scheduler"][1]).from_pretrained(ckpt.path / "scheduler")
+                scheduler = getattr(diffusers, spec.diffusers_class).from_config(base.config, **spec.overrides)
+                pipe = getattr(diffusers, name).from_pretrained(ckpt.path, scheduler=scheduler, torch_dtype=dtype,
+                                                                **extra)
+            else:  # a single file or a replaced VAE: the modules sdrt's export read, in diffusers' pipeline
+                modules = load_modules(ckpt)
+                base = modules.pop("scheduler")
+                if ckpt.options.prediction_type:
+                    base = base.from_config(base.config, prediction_type=ckpt.options.prediction_type)
+                scheduler = getattr(diffusers, spec.diffusers_class).from_config(base.config, **spec.overrides)
+                parts = {**modules, **({} if self.xl else dict(feature_extractor=None))}
+                pipe = getattr(diffusers, name)(scheduler=scheduler, **parts, **extra).to(dtype=dtype)
+            self.pipe = pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.image = Image.open(settings.init_image).convert("RGB") if settings.init_image else None
         self.calls: list[tuple[str, float]] = []

@@ -43,7 +43,7 @@ class Slot:
         if self.conv1x1:
             tensor = tensor.reshape(tensor.shape[:2]) if tensor.ndim == 4 else tensor
         if self.transpose:
-            tensor = tensor.T
+            tensor = tensor.T.contiguous()
         return tensor
 
 

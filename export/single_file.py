@@ -317,9 +317,10 @@ def load_vae(path: Path, scaling_factor: float, sample_size: int):
         if not (folder / "config.json").is_file():
             raise UserError(f"--vae {path}: a VAE folder needs config.json (a diffusers AutoencoderKL folder)")
         try:
-            return diffusers.AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval().requires_grad_(False)
+            vae = diffusers.AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
         except (OSError, ValueError, RuntimeError) as e:
             raise UserError(f"cannot load --vae {path}: {str(e).strip().splitlines()[0]}") from None
+        return vae.eval().requires_grad_(False)
     tf = TensorFile(path)
     keys = tf.shapes
     prefix = vae_prefix(keys)

@@ -39,6 +39,10 @@ SAME_WEIGHTS_FP32 = (1e-4, 1e-4)
 SAME_WEIGHTS_FP16 = (1e-2, 2e-2)
 STAGE_ORDER = ("text_encoder", "text_encoder_2", "vae_encoder", "unet_step", "vae_decoder", "overhead")
 HEAVY_FOR_BASELINE = ("torch", "diffusers", "transformers")
+SOURCE_FORMATS = ("diffusers", "single-file")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# The export's source overrides the baseline repeats, so that it runs the engine dir's weights and scheduler.
+BASELINE_OVERRIDES = ("vae", "prediction_type", "native_size", "tokenizer", "ema")
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,21 @@ def _baseline_checkpoint(req: BenchRequest, manifest: Manifest) -> Path:
         raise UserError(f"{req.engine_dir} has LoRA weights merged in ({manifest.loras[0].file}); the baseline "
                         "would run other weights than sdrt: bench an engine dir without LoRAs")
     path = req.checkpoint or Path(manifest.source.get("path", ""))
-    if req.checkpoint is None and manifest.source.get("format") != "diffusers":
-        raise UserError("the engine dir's source is not a diffusers folder; give the baseline one with --checkpoint")
-    if not (path / "model_index.json").is_file():
-        raise UserError(f"baseline checkpoint {path} is not a diffusers folder (give one with --checkpoint)")
+    if req.checkpoint is None and manifest.source.get("format") not in SOURCE_FORMATS:
+        raise UserError("the engine dir's source is not a checkpoint sdrt reads; give the baseline one with "
+                        "--checkpoint")
+    if not (path / "model_index.json").is_file() and not (path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES):
+        raise UserError(f"baseline checkpoint {path} is not a diffusers folder or a single-file checkpoint "
+                        "(give one with --checkpoint)")
     return path
+
+
+def _baseline_options(req: BenchRequest, manifest: Manifest) -> dict:
+    """How the export read its source (--vae, --tokenizer, ...): the baseline reads it the same way."""
+    if req.checkpoint is not None:
+        return {}
+    overrides = manifest.source.get("overrides", {})
+    return {k: overrides[k] for k in BASELINE_OVERRIDES if k in overrides}
 
 
 def resolve_settings(req: BenchRequest, scratch: Path) -> tuple[BenchSettings, Manifest]:
@@ -101,6 +115,7 @@ def resolve_settings(req: BenchRequest, scratch: Path) -> tuple[BenchSettings, M
         raise UserError(f"give --scheduler (one of: {', '.join(SCHEDULER_NAMES)}); the checkpoint's own has no "
                         "sdrt equivalent")
     checkpoint = _baseline_checkpoint(req, manifest) if req.baseline else None
+    options = _baseline_options(req, manifest) if req.baseline else {}
     init = None
     if req.init_image is not None:
         image = images.load_image(req.init_image)
@@ -116,7 +131,7 @@ def resolve_settings(req: BenchRequest, scratch: Path) -> tuple[BenchSettings, M
                              prompt=req.prompt, negative_prompt=req.negative_prompt, height=h, width=w,
                              batch=req.batch, steps=s.steps, scheduler=s.scheduler, guidance_scale=s.guidance_scale,
                              init_image=str(init) if init else None, strength=req.strength,
-                             guidance_rescale=s.guidance_rescale)
+                             guidance_rescale=s.guidance_rescale, checkpoint_options=options)
     return settings, manifest
 
 

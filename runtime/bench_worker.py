@@ -22,7 +22,7 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +38,7 @@ class BenchSettings:
     """One generation's settings, identical for every contender; defaults already resolved by the parent."""
 
     engine_dir: str
-    checkpoint: str | None  # the baseline's diffusers folder
+    checkpoint: str | None  # the baseline's checkpoint: a diffusers folder or a single file
     prompt: str
     negative_prompt: str
     height: int
@@ -50,6 +50,7 @@ class BenchSettings:
     init_image: str | None  # image-to-image when set
     strength: float
     guidance_rescale: float = 0.0  # the engine dir's recommendation; the baseline applies it too
+    checkpoint_options: dict = field(default_factory=dict)  # how the export read it (SourceOptions fields)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)

@@ -1,7 +1,8 @@
 """Full-size architectures with random weights export on a 24 GB machine (slow; run with `-m slow`).
 
 SD 1.5 UNet ~2 min, SD 2.1-768 text encoder + UNet ~2 min, Taiyi BERT ~1 min, SDXL base UNet + both text
-encoders ~5 min with ~16 GiB peak RSS (9 min in all, checkpoints written included). Time and memory are measured by benchmarks/export_time.py (results in
+encoders ~5 min with ~16 GiB peak RSS, an SD 1.5 single file (all four components) ~SF_MIN min
+(checkpoints written included). Time and memory are measured by benchmarks/export_time.py (results in
 benchmarks/results/export_*_cpu.json); these tests check what was written.
 """
 
@@ -74,3 +75,23 @@ def test_sdxl_unet_and_text_encoders_export(tmp_path):
     assert m.components["text_encoder"].artifact().op_counts["Attention"] == SDXL_TE1_ATTENTION
     assert m.components["text_encoder_2"].artifact().op_counts["Attention"] == SDXL_TE2_ATTENTION
     assert m.conditioning.context_dim == 2048
+
+
+@pytest.mark.slow
+def test_sd15_single_file_exports(tmp_path):
+    """A full-size SD 1.5 file in the original layout (written by sdrt's inverse name maps) exports offline."""
+    from sdrt.export.exporter import ExportOptions, export
+    from sdrt.export.random_model import write_random_single_file
+
+    path = write_random_single_file(tmp_path / "sd15.safetensors", "sd15")
+    components = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+    lines: list[str] = []
+    export(ExportOptions(checkpoint=str(path), out=tmp_path / "eng"), log=lines.append)
+    m = Manifest.load(tmp_path / "eng")
+    assert (m.family, m.native_resolution, m.source["format"]) == ("sd1", (512, 512), "single-file")
+    assert m.source["detected"]["prediction_type"] == "epsilon" and m.tokenizers["text_encoder"]["pad_id"] == 49407
+    for name in components:
+        v = m.components[name].artifact().validation
+        assert v.max_abs_error <= v.threshold, name
+    assert m.components["unet"].artifact().op_counts["Attention"] == SD15_ATTENTION_NODES
+    assert any(line.startswith("single file: sd1, 1") for line in lines)

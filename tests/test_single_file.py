@@ -402,3 +402,53 @@ def test_random_single_file_writer_round_trips(tmp_path):
     assert "model.diffusion_model.input_blocks.0.0.weight" in tensors
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
     assert open_checkpoint(path).family == "sd1"
+
+
+def test_bench_baseline_runs_the_single_file_through_diffusers(engines, tmp_path):
+    """`sdrt bench --baseline diffusers` on a single-file engine dir: diffusers' pipeline around the modules the
+    export read (the manifest's overrides repeated), and its images agree with sdrt's (bench's weight check)."""
+    f, pipe = engines("ldm-sd1")
+    out = tmp_path / "bench.json"
+    r = run_sdrt("bench", str(pipe.engine_dir), "--baseline", "diffusers", "--steps", "2", "--runs", "1",
+                 "--warmup", "0", "--json", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert [x["name"] for x in report["results"]] == ["sdrt-ort-cpu", "diffusers-torch-fp32"]
+
+
+def _comparable(engine) -> dict:
+    """An engine dir's manifest without what must differ between two exports of the same weights."""
+    m = json.loads((engine / MANIFEST_FILE).read_text())
+    for name in ("source", "versions"):
+        m.pop(name)
+    for c in m["components"].values():
+        for a in c["artifacts"]:
+            a.pop("validation"), a.pop("bytes")
+    return m
+
+
+def test_single_file_and_folder_give_the_same_engine_dir(engines, tmp_path):
+    f, pipe = engines("ldm-sd1")
+    export(ExportOptions(checkpoint=str(f.folder), out=tmp_path / "folder-engine",
+                         source=SourceOptions(native_size=NATIVE)), log=lambda s: None)
+    assert _comparable(pipe.engine_dir) == _comparable(tmp_path / "folder-engine")
+    folder_engine = tmp_path / "folder-engine"
+    assert (pipe.engine_dir / "tokenizer.json").read_bytes() == (folder_engine / "tokenizer.json").read_bytes()
+    ours, theirs = (json.loads((e / "scheduler.json").read_text()) for e in (pipe.engine_dir, folder_engine))
+    assert ours["alphas_cumprod"] == theirs["alphas_cumprod"]
+    assert {k: v for k, v in ours["config"].items() if not k.startswith("_")} == \
+        {k: v for k, v in theirs["config"].items() if not k.startswith("_")}
+
+
+def test_folder_overrides_prediction_type_and_native_size(ldm, tmp_path):
+    f = ldm("ldm-sd1")
+    with pytest.raises(UserError, match="--native-size 72 is not a multiple of 16"):
+        export(ExportOptions(checkpoint=str(f.folder), out=tmp_path / "e", source=SourceOptions(native_size=72)))
+    assert not (tmp_path / "e").exists()
+    m = export(ExportOptions(checkpoint=str(f.folder), out=tmp_path / "e", components=("text_encoder",),
+                             source=SourceOptions(prediction_type="v_prediction", native_size=128)), log=lambda s: None)
+    assert m.scheduler["prediction_type"] == "v_prediction" and m.native_resolution == (128, 128)
+    assert m.source["format"] == "diffusers" and m.source["overrides"] == {"prediction_type": "v_prediction",
+                                                                            "native_size": 128}
+    config = json.loads((tmp_path / "e" / "scheduler.json").read_text())["config"]
+    assert config["prediction_type"] == "v_prediction"
