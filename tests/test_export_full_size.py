@@ -1,7 +1,7 @@
 """Full-size architectures with random weights export on a 24 GB machine (slow; run with `-m slow`).
 
 SD 1.5 UNet ~2 min, SD 2.1-768 text encoder + UNet ~2 min, Taiyi BERT ~1 min, SDXL base UNet + both text
-encoders ~5 min with ~16 GiB peak RSS, an SD 1.5 single file (all four components) ~SF_MIN min
+encoders ~5 min with ~16 GiB peak RSS, an SD 1.5 single file (all four components) ~2.5 min with ~8.8 GiB
 (checkpoints written included). Time and memory are measured by benchmarks/export_time.py (results in
 benchmarks/results/export_*_cpu.json); these tests check what was written.
 """
