@@ -44,7 +44,7 @@ def model_index(folder: Path) -> dict:
 
 def test_configs_list_every_family():
     assert set(CONFIGS) == {"tiny", "sd15", "tiny-sd2", "tiny-sd2-v", "sd21-768", "tiny-sdxl", "sdxl",
-                            "tiny-taiyi", "taiyi"}
+                            "tiny-taiyi", "taiyi", "ldm-sd1", "ldm-sd2-v", "ldm-sdxl", "ldm-taiyi"}
 
 
 def test_tiny_weights_unchanged(tmp_path):
