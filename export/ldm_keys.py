@@ -38,8 +38,8 @@ class Slot:
     transpose: bool = False  # OpenCLIP's text_projection is applied as x @ P; diffusers' Linear holds P.T
 
     def read(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.part is not None:
-            tensor = tensor.chunk(self.parts, dim=0)[self.part]
+        if self.part is not None:  # a copy: a view would keep the whole fused tensor alive for each third
+            tensor = tensor.chunk(self.parts, dim=0)[self.part].clone()
         if self.conv1x1:
             tensor = tensor.reshape(tensor.shape[:2]) if tensor.ndim == 4 else tensor
         if self.transpose:

@@ -28,6 +28,7 @@ BERT_EMBEDDINGS = "embeddings.word_embeddings.weight"
 OPENCLIP_PAD = "!"  # OpenCLIP's tokenizer (SD 2.x, SDXL's second) pads with "!", id 0
 # diffusers' legacy rule: the SD 2.x 512-base release was saved at this step; every other 2.x file is 768-v.
 SD2_BASE_GLOBAL_STEP = 875000
+MODELSPEC = "modelspec."  # Stability AI Model Spec keys in a safetensors header (github.com/Stability-AI/ModelSpec)
 
 
 @dataclass(frozen=True)
@@ -173,15 +174,43 @@ def unet_getter(tf: TensorFile, use_ema: bool):
     return (lambda key: tf.get(ema_name(key)) if key.startswith(K.UNET_PREFIX) else tf.get(key)), True
 
 
+def modelspec(tf: TensorFile) -> tuple[str | None, int | None]:
+    """(prediction type, native size) from the file's Stability AI Model Spec metadata, where it says them.
+
+    `modelspec.prediction_type` is "v" or "epsilon", `modelspec.resolution` "WxH"; kohya's sd-scripts and
+    Stability's own releases write them into the safetensors header.
+    """
+    meta = tf.metadata
+    prediction = {"v": "v_prediction", "v_prediction": "v_prediction", "epsilon": "epsilon"}.get(
+        str(meta.get(MODELSPEC + "prediction_type", "")).strip().lower())
+    m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str(meta.get(MODELSPEC + "resolution", "")))
+    size = int(m[1]) if m and m[1] == m[2] else None  # the engine dir's native resolution is square
+    return prediction, size
+
+
 def prediction_type(family: str, tf: TensorFile, override: str | None) -> tuple[str, str]:
     """(prediction type, where it came from)."""
     if override:
         return override, "--prediction-type"
+    if declared := modelspec(tf)[0]:
+        return declared, "the file's modelspec metadata"
     if family == "sd2":
         if tf.global_step == SD2_BASE_GLOBAL_STEP:
             return "epsilon", f"global_step {SD2_BASE_GLOBAL_STEP} (the SD 2.x 512-base release)"
         return "v_prediction", "the SD 2.x default (768-v)"
     return "epsilon", f"the {family} default"
+
+
+def native_size(family: str, tf: TensorFile, prediction: str, override: int | None) -> tuple[int, str]:
+    """(native size in pixels, where it came from)."""
+    if override:
+        return override, "--native-size"
+    if declared := modelspec(tf)[1]:
+        return declared, "the file's modelspec metadata"
+    lf = LDM_FAMILIES[family]
+    if prediction == "v_prediction" and lf.native_size_v:
+        return lf.native_size_v, f"the {family} default for v-prediction"
+    return lf.native_size, f"the {family} default"
 
 
 def build(make, slots: K.SlotMap, get) -> torch.nn.Module:
@@ -223,8 +252,7 @@ def open_single_file(path: Path, opts) -> tuple[str, SingleFile]:
     family, encoders = detect(tf)
     shapes, lf = tf.shapes, LDM_FAMILIES[family]
     prediction, prediction_from = prediction_type(family, tf, opts.prediction_type)
-    default_size = lf.native_size_v if prediction == "v_prediction" and lf.native_size_v else lf.native_size
-    native = opts.native_size or default_size
+    native, native_from = native_size(family, tf, prediction, opts.native_size)
     configs = tuple(e.config(shapes) for e in encoders)
     pooled = configs[-1]["projection_dim"] if encoders[-1].model_class.endswith("WithProjection") else None
     prefix = vae_prefix(shapes)
@@ -238,7 +266,7 @@ def open_single_file(path: Path, opts) -> tuple[str, SingleFile]:
     detected = dict(
         family=family, tensors=len(shapes), dtypes=tf.dtypes, ema=ema,
         prediction_type=prediction, prediction_type_from=prediction_from,
-        native_size=native, native_size_from="--native-size" if opts.native_size else f"the {family} default",
+        native_size=native, native_size_from=native_from,
         vae="--vae" if opts.vae else "baked in",
     )
     return family, SingleFile(tf, encoders, configs, unet, vae, prefix, ema,

@@ -452,3 +452,36 @@ def test_folder_overrides_prediction_type_and_native_size(ldm, tmp_path):
                                                                             "native_size": 128}
     config = json.loads((tmp_path / "e" / "scheduler.json").read_text())["config"]
     assert config["prediction_type"] == "v_prediction"
+
+
+def test_modelspec_metadata_says_prediction_type_and_size(ldm, tmp_path):
+    """Stability AI Model Spec keys in the header (kohya and Stability write them) beat the family defaults."""
+    f = ldm("ldm-sd2-v")
+    path = tmp_path / "v2-512.safetensors"
+    save_file(f.tensors, str(path), metadata={"modelspec.sai_model_spec": "1.0.0",
+                                              "modelspec.architecture": "stable-diffusion-v2-512",
+                                              "modelspec.prediction_type": "epsilon",
+                                              "modelspec.resolution": "512x512"})
+    d = open_checkpoint(path).single_file.detected
+    assert (d["prediction_type"], d["native_size"]) == ("epsilon", 512)
+    assert d["prediction_type_from"] == d["native_size_from"] == "the file's modelspec metadata"
+    d = open_checkpoint(path, SourceOptions(prediction_type="v_prediction", native_size=64)).single_file.detected
+    assert (d["prediction_type"], d["native_size"]) == ("v_prediction", 64)
+
+
+def test_lora_merges_into_a_single_file_as_into_its_folder(ldm, tmp_path):
+    """kohya LoRA (SDXL: both text encoders, UNet in sd-scripts' SGM names) on modules read from a single file:
+    the merged weights equal the same merge on the folder's modules, OpenCLIP's split q/k/v included."""
+    from lora_factory import random_entries, write_kohya
+    from sdrt.export.lora_merge import LoraSpec, merge_loras
+    from sdrt.export.lora_sgm import sgm_module_names
+
+    f = ldm("ldm-sdxl")
+    ours = load_modules(open_checkpoint(f.file, f.options()))
+    theirs = load_modules(open_checkpoint(f.folder))
+    path = write_kohya(random_entries(theirs, seed=5), tmp_path / "xl.safetensors", te_prefix="lora_te1_",
+                       unet_names=sgm_module_names(theirs["unet"]))
+    records = [merge_loras((LoraSpec(path, 0.8),), m, False, lambda s: None) for m in (ours, theirs)]
+    assert records[0][0].modules_changed == records[1][0].modules_changed
+    assert all(n > 0 for n in records[0][0].modules_changed.values())
+    _assert_same_weights(theirs, ours)
