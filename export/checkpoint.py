@@ -69,7 +69,7 @@ class Checkpoint:
         record = dict(path=str(self.path.resolve()), format="single-file" if self.single_file else "diffusers",
                       fingerprint=fingerprint(self.path))
         if self.single_file:
-            record["detected"] = self.single_file.detected
+            record["detected"] = {**self.single_file.detected, "unused_tensors": self.single_file.file.unused()}
         if overrides := self.options.overrides():
             record["overrides"] = overrides
         if self.options.vae:

@@ -191,6 +191,9 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
                             for k, v in asdict(defaults).items() if v is not None)
     if recommended:
         log(f"recommended settings: {recommended}")
+    if ckpt.single_file is not None and (unused := ckpt.single_file.file.unused()):
+        log(f"single file: {sum(unused.values())} tensors not used by the export: "
+            + ", ".join(f"{group}.* ({n})" for group, n in unused.items()))
     for line in lora_lines:
         log(line)
     geo = with_native_size(geometry(ckpt.spec, modules), opts.source.native_size)

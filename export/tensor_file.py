@@ -35,6 +35,7 @@ class TensorFile:
         self.path = Path(path)
         self.metadata: dict = {}
         self.global_step: int | None = None
+        self.used: set[str] = set()  # keys read so far: what a load leaves out is reported, not silently lost
         if self.path.suffix in SAFETENSORS_SUFFIXES:
             self._open_safetensors()
         elif self.path.suffix in PICKLE_SUFFIXES:
@@ -108,8 +109,18 @@ class TensorFile:
         """One tensor as float32 (fp16/bf16 files are widened; the export runs in fp32)."""
         if key not in self.shapes:
             raise UserError(f"{self.path}: missing tensor {key} (a truncated or partial checkpoint?)")
+        self.used.add(key)
         t = self._st.get_tensor(key) if self._st is not None else self._tensors[key]
         return t.to(torch.float32) if t.is_floating_point() else t
+
+    def unused(self) -> dict[str, int]:
+        """Tensors never read, counted by their first two key levels (e.g. `model_ema`, `cond_stage_model.model`)."""
+        groups: dict[str, int] = {}
+        for key in sorted(set(self.shapes) - self.used):
+            parts = key.split(".")
+            group = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+            groups[group] = groups.get(group, 0) + 1
+        return groups
 
     def close(self) -> None:
         self._st = self._tensors = None

@@ -80,6 +80,9 @@ def describe_source(source: dict) -> list[str]:
         rows.append(f"detected     {d.get('family')}, {'/'.join(d.get('dtypes', []))}{ema}, "
                     f"{d.get('prediction_type')} ({d.get('prediction_type_from')}), native {d.get('native_size')} px "
                     f"({d.get('native_size_from')}), VAE {d.get('vae')}")
+        if unused := d.get("unused_tensors"):
+            rows[-1] += (f", {sum(unused.values())} tensors unused ("
+                         + ", ".join(f"{group}.* {n}" for group, n in unused.items()) + ")")
     if o := source.get("overrides"):
         rows.append("overrides    " + "   ".join(f"{k} {v}" for k, v in o.items()))
     return rows

@@ -298,11 +298,14 @@ def test_manifest_and_inspect_show_the_single_file(engines, tmp_path):
     digest = "sha256:" + hashlib.sha256(f.file.read_bytes()).hexdigest()
     source = json.loads((pipe.engine_dir / MANIFEST_FILE).read_text())["source"]
     assert source["fingerprint"] == digest and source["detected"]["prediction_type"] == "v_prediction"
+    # What diffusers drops too: OpenCLIP's last block (12 tensors) and its text projection.
+    assert source["detected"]["unused_tensors"] == {"cond_stage_model.model": 13}
     assert pipe.manifest.scheduler["prediction_type"] == "v_prediction"
     r = run_sdrt("inspect", str(pipe.engine_dir))
     assert r.returncode == 0, r.stderr
     assert f"single file {f.file.resolve()}" in r.stdout and digest in r.stdout
     assert "v_prediction (the SD 2.x default (768-v))" in r.stdout and "native_size 64" in r.stdout
+    assert "13 tensors unused (cond_stage_model.model.* 13)" in r.stdout
 
 
 def test_cli_export_with_vae_override_and_prediction_type(ldm, other_vae, tmp_path):
