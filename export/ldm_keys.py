@@ -183,6 +183,50 @@ def open_clip_slots(prefix: str) -> SlotMap:
     return slot
 
 
+# The LDM UNet's module and parameter names, for reading EMA keys back: `model_ema.` + the UNet key without its
+# "model." and without dots (LitEma's naming), e.g. model_ema.diffusion_modelinput_blocks11proj_inweight.
+UNET_WORDS = ("diffusion_model", "input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out",
+              "in_layers", "emb_layers", "out_layers", "skip_connection", "op", "conv", "norm", "proj_in",
+              "proj_out", "transformer_blocks", "attn1", "attn2", "norm1", "norm2", "norm3", "ff", "net", "proj",
+              "to_q", "to_k", "to_v", "to_out", "weight", "bias")
+# Indices after a word: "b" a block number (any digits; the sub-index that follows is one digit), "i" one digit.
+UNET_INDICES = {"input_blocks": "bi", "output_blocks": "bi", "middle_block": "i", "time_embed": "i",
+                "label_emb": "ii", "out": "i", "in_layers": "i", "emb_layers": "i", "out_layers": "i",
+                "transformer_blocks": "b", "to_out": "i", "net": "i"}
+
+
+def ema_key(unet_key: str) -> str:
+    """The EMA copy's key of an LDM UNet key (`model.diffusion_model.X`)."""
+    return EMA_PREFIX + unet_key.removeprefix("model.").replace(".", "")
+
+
+def unet_key_of_ema(key: str) -> str | None:
+    """The inverse of `ema_key`, parsed with the UNet's vocabulary; None if `key` is not a UNet EMA key."""
+    flat, parts = key.removeprefix(EMA_PREFIX), []
+    words = sorted(UNET_WORDS, key=len, reverse=True)
+    while flat:
+        word = next((w for w in words if flat.startswith(w)), None)
+        if word is None:
+            return None
+        parts.append(word)
+        flat = flat[len(word):]
+        digits = re.match(r"\d*", flat)[0]
+        spec = UNET_INDICES.get(word, "")
+        if spec == "bi" and len(digits) >= 2:
+            parts += [digits[:-1], digits[-1]]
+        elif spec == "b" and digits:
+            parts.append(digits)
+        elif spec in ("i", "ii") and len(digits) >= len(spec):
+            parts += list(digits[:len(spec)])
+            digits = digits[:len(spec)]
+        elif spec or digits:
+            return None
+        flat = flat[len(digits):]
+    if parts[:1] != ["diffusion_model"] or parts[-1] not in ("weight", "bias"):
+        return None
+    return "model." + ".".join(parts)
+
+
 def read_state_dict(names: Iterable[str], slots: SlotMap, get: Callable[[str], torch.Tensor]) -> dict:
     """The diffusers state dict for parameter `names`, read through the map from the file's tensors (`get`)."""
     return {name: slots(name).read(get(slots(name).key)) for name in names}

@@ -118,8 +118,8 @@ def refuse_non_checkpoint(tf: TensorFile) -> None:
         raise UserError(f"{name} is a Playground (EDM) checkpoint; sdrt exports SD 1.x, 2.x, SDXL, Taiyi")
     if not _with_prefix(keys, K.UNET_PREFIX):
         if _with_prefix(keys, K.EMA_PREFIX):
-            raise UserError(f"{name} has only the flattened EMA copy of its UNet (model_ema.*), no "
-                            f"{K.UNET_PREFIX}* weights")
+            raise UserError(f"{name} has model_ema.* tensors but no UNet sdrt can read: neither "
+                            f"{K.UNET_PREFIX}* weights nor an EMA copy of a Stable Diffusion UNet")
         text = any(k.startswith(("cond_stage_model.", "conditioner.")) for k in keys)
         if not text and any(k.endswith("decoder.conv_out.weight") for k in keys):
             raise UserError(f"{name} is a VAE file, not a checkpoint: pass it with --vae")
@@ -159,19 +159,29 @@ def vae_prefix(keys) -> str | None:
     return next((p for p in K.VAE_PREFIXES if f"{p}decoder.conv_out.weight" in keys), None)
 
 
+def restore_ema_only(tf: TensorFile) -> bool:
+    """A file whose UNet exists only as its EMA copy: make those tensors readable under the UNet's own keys."""
+    if any(k.startswith(K.UNET_PREFIX) for k in tf.shapes):
+        return False
+    names = {k: K.unet_key_of_ema(k) for k in tf.shapes if k.startswith(K.EMA_PREFIX)}
+    unet = {ldm: ema for ema, ldm in names.items() if ldm is not None}
+    if len(unet) <= MIN_EMA_KEYS:
+        return False
+    tf.alias(unet)
+    return True
+
+
 def unet_getter(tf: TensorFile, use_ema: bool):
-    """How to read a UNet key: the EMA copy (`model_ema.` + the key's path without dots) when chosen and present."""
+    """How to read a UNet key: the EMA copy (LitEma's `model_ema.` key) when chosen and present, or the only copy."""
+    if tf.aliases:
+        return tf.get, True  # an EMA-only file: its UNet keys are already the EMA copy's
     ema_keys = sum(k.startswith(K.EMA_PREFIX) for k in tf.shapes)
     if not use_ema or ema_keys <= MIN_EMA_KEYS:
         return tf.get, False
-
-    def ema_name(key: str) -> str:
-        return K.EMA_PREFIX + key.removeprefix("model.").replace(".", "")
-
     unet = [k for k in tf.shapes if k.startswith(K.UNET_PREFIX)]
-    if not all(ema_name(k) in tf.shapes for k in unet):
+    if not all(K.ema_key(k) in tf.shapes for k in unet):
         return tf.get, False
-    return (lambda key: tf.get(ema_name(key)) if key.startswith(K.UNET_PREFIX) else tf.get(key)), True
+    return (lambda key: tf.get(K.ema_key(key)) if key.startswith(K.UNET_PREFIX) else tf.get(key)), True
 
 
 def modelspec(tf: TensorFile) -> tuple[str | None, int | None]:
@@ -249,6 +259,7 @@ def open_single_file(path: Path, opts) -> tuple[str, SingleFile]:
     `opts` is the exporter's SourceOptions (the overrides: prediction type, native size, EMA, --vae).
     """
     tf = TensorFile(path)
+    restore_ema_only(tf)
     family, encoders = detect(tf)
     shapes, lf = tf.shapes, LDM_FAMILIES[family]
     prediction, prediction_from = prediction_type(family, tf, opts.prediction_type)

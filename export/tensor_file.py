@@ -36,6 +36,7 @@ class TensorFile:
         self.metadata: dict = {}
         self.global_step: int | None = None
         self.used: set[str] = set()  # keys read so far: what a load leaves out is reported, not silently lost
+        self.aliases: dict[str, str] = {}  # extra key -> the file's key (an EMA-only file's UNet)
         if self.path.suffix in SAFETENSORS_SUFFIXES:
             self._open_safetensors()
         elif self.path.suffix in PICKLE_SUFFIXES:
@@ -102,6 +103,11 @@ class TensorFile:
             return SAFETENSORS_DTYPES.get(code, code.lower())
         return str(self._tensors[key].dtype).removeprefix("torch.")
 
+    def alias(self, names: dict[str, str]) -> None:
+        """Make each existing tensor `names[new]` readable under the key `new` as well."""
+        self.aliases = {**self.aliases, **names}
+        self.shapes = {**self.shapes, **{new: self.shapes[old] for new, old in names.items()}}
+
     def __contains__(self, key: str) -> bool:
         return key in self.shapes
 
@@ -109,6 +115,7 @@ class TensorFile:
         """One tensor as float32 (fp16/bf16 files are widened; the export runs in fp32)."""
         if key not in self.shapes:
             raise UserError(f"{self.path}: missing tensor {key} (a truncated or partial checkpoint?)")
+        key = self.aliases.get(key, key)
         self.used.add(key)
         t = self._st.get_tensor(key) if self._st is not None else self._tensors[key]
         return t.to(torch.float32) if t.is_floating_point() else t
@@ -116,7 +123,7 @@ class TensorFile:
     def unused(self) -> dict[str, int]:
         """Tensors never read, counted by their first two key levels (e.g. `model_ema`, `cond_stage_model.model`)."""
         groups: dict[str, int] = {}
-        for key in sorted(set(self.shapes) - self.used):
+        for key in sorted(set(self.shapes) - self.used - set(self.aliases)):
             parts = key.split(".")
             group = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
             groups[group] = groups.get(group, 0) + 1

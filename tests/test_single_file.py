@@ -178,6 +178,21 @@ def test_ema_copy_is_used_unless_no_ema(ldm, tmp_path):
     assert torch.equal(trained["conv_in.weight"], both["model.diffusion_model.input_blocks.0.0.weight"])
 
 
+@pytest.mark.parametrize("name", ["ldm-sd1", "ldm-sdxl"])
+def test_ema_only_file_is_read_under_the_unets_names(ldm, tmp_path, name):
+    """A file whose UNet exists only as LitEma's flattened copy (model_ema.diffusion_modelinput_blocks00weight)."""
+    from sdrt.export.ldm_keys import ema_key
+
+    f = ldm(name)
+    ema_only = {ema_key(k) if k.startswith("model.diffusion_model.") else k: v for k, v in f.tensors.items()}
+    ema_only["model_ema.decay"], ema_only["model_ema.num_updates"] = torch.tensor(0.9999), torch.tensor(1000)
+    path = f.write(tmp_path / "ema_only.safetensors", ema_only)
+    ckpt = open_checkpoint(path, f.options())
+    assert ckpt.family == f.family and ckpt.single_file.detected["ema"] is True
+    _assert_same_weights(f.modules, load_modules(ckpt))
+    assert ckpt.single_file.file.unused() == {"model_ema": 2}  # decay and num_updates
+
+
 def test_wrapped_lightning_ckpt_loads_weights_only(ldm, tmp_path):
     """A Lightning .ckpt (state_dict, global_step, a pickled callback object) loads without running its code;
     SD 2.x's global_step 875000 means the 512-base epsilon release."""
