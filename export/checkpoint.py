@@ -17,6 +17,7 @@ from pathlib import Path
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.manifest import SUPPORTED_FAMILIES, GenerationDefaults
 from sdrt.runtime.schedulers import SCHEDULER_NAMES
+from sdrt.runtime.schedulers.parameterization import PREDICTION_TYPES
 
 from .families import FAMILIES, ExportFamily
 
@@ -151,6 +152,8 @@ def _check_options(opts: SourceOptions) -> None:
         raise UserError(f"--vae {opts.vae}: not found")
     if opts.tokenizer is not None and not Path(opts.tokenizer).is_dir():
         raise UserError(f"--tokenizer {opts.tokenizer}: not a folder")
+    if opts.prediction_type is not None and opts.prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"--prediction-type {opts.prediction_type}: choose from {', '.join(PREDICTION_TYPES)}")
     if opts.native_size is not None and opts.native_size <= 0:
         raise UserError(f"--native-size must be positive, got {opts.native_size}")
 

@@ -410,6 +410,8 @@ def test_clip_vocabulary_must_fit_the_text_encoder(ldm, tmp_path):
 def test_single_file_folder_flags_are_refused_for_folders(ldm):
     with pytest.raises(UserError, match="single-file"):
         open_checkpoint(ldm("ldm-sd1").folder, SourceOptions(ema=False))
+    with pytest.raises(UserError, match="--prediction-type eps: choose from epsilon, v_prediction"):
+        open_checkpoint(ldm("ldm-sd1").file, SourceOptions(prediction_type="eps"))
 
 
 def test_random_single_file_writer_round_trips(tmp_path):
