@@ -229,7 +229,7 @@ def unet_key_of_ema(key: str) -> str | None:
 
 def read_state_dict(names: Iterable[str], slots: SlotMap, get: Callable[[str], torch.Tensor]) -> dict:
     """The diffusers state dict for parameter `names`, read through the map from the file's tensors (`get`)."""
-    return {name: slots(name).read(get(slots(name).key)) for name in names}
+    return {name: s.read(get(s.key)) for name in names for s in (slots(name),)}
 
 
 def write_state_dict(state: dict[str, torch.Tensor], slots: SlotMap) -> dict[str, torch.Tensor]:

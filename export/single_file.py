@@ -223,8 +223,11 @@ def native_size(family: str, tf: TensorFile, prediction: str, override: int | No
     return lf.native_size, f"the {family} default"
 
 
-def build(make, slots: K.SlotMap, get) -> torch.nn.Module:
-    """The module `make()` builds, without allocating random weights, its tensors read through `slots`."""
+def build(make, slots: K.SlotMap, get, source: str) -> torch.nn.Module:
+    """The module `make()` builds, without allocating random weights, its tensors read through `slots`.
+
+    `source` names the file in errors (a shape that disagrees with the configuration read from the others).
+    """
     from accelerate import init_empty_weights
 
     with init_empty_weights():
@@ -234,7 +237,10 @@ def build(make, slots: K.SlotMap, get) -> torch.nn.Module:
         state = K.read_state_dict(names, slots, get)
     except K.UnmappedName as e:
         raise UserError(f"unsupported layout: no single-file name for {type(module).__name__} weight {e}") from None
-    module.load_state_dict(state, strict=True, assign=True)
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise UserError(f"cannot load {source}: {str(e).strip().splitlines()[-1].strip()}") from None
     return module.eval().requires_grad_(False)
 
 
@@ -318,7 +324,7 @@ def load_single_file(sf: SingleFile, tokenizer_folder: Path | None, tokenizer_na
     import diffusers
     import transformers
 
-    tf, modules = sf.file, {}
+    tf, modules, source = sf.file, {}, sf.file.path.name
     try:
         for enc, cfg in zip(sf.encoders, sf.encoder_configs):
             cls = getattr(transformers, enc.model_class)
@@ -327,19 +333,17 @@ def load_single_file(sf: SingleFile, tokenizer_folder: Path | None, tokenizer_na
                 make = lambda cls=cls, cfg=cfg, p=pooler: cls(transformers.BertConfig(**cfg), add_pooling_layer=p)
             else:
                 make = lambda cls=cls, cfg=cfg: cls(transformers.CLIPTextConfig(**cfg))
-            modules[enc.component] = build(make, enc.slots(), tf.get)
+            modules[enc.component] = build(make, enc.slots(), tf.get, source)
             modules[tokenizer_names[enc.component]] = load_tokenizer(enc, cfg, tokenizer_folder)
         u = sf.unet_config
         up_attention = tuple(t.startswith("CrossAttn") for t in u["up_block_types"])
         get_unet, _ = unet_getter(tf, sf.ema)
         modules["unet"] = build(lambda: diffusers.UNet2DConditionModel.from_config(u),
-                                K.unet_slots(u["layers_per_block"], up_attention), get_unet)
+                                K.unet_slots(u["layers_per_block"], up_attention), get_unet, source)
         if sf.vae_config is not None:
             v = sf.vae_config
             modules["vae"] = build(lambda: diffusers.AutoencoderKL.from_config(v),
-                                   K.vae_slots(len(v["block_out_channels"]), sf.vae_prefix), tf.get)
-    except RuntimeError as e:  # a shape that disagrees with the configuration read from the other shapes
-        raise UserError(f"cannot load {tf.path.name}: {str(e).strip().splitlines()[-1].strip()}") from None
+                                   K.vae_slots(len(v["block_out_channels"]), sf.vae_prefix), tf.get, source)
     finally:
         tf.close()
     scheduler_cls, scheduler_config = sf.scheduler
@@ -375,9 +379,7 @@ def load_vae(path: Path, scaling_factor: float, sample_size: int):
         config = vae_config(keys, prefix, sample_size, scaling_factor)
         slots = K.vae_slots(len(config["block_out_channels"]), prefix)
     try:
-        return build(lambda: diffusers.AutoencoderKL.from_config(config), slots, tf.get)
-    except RuntimeError as e:
-        raise UserError(f"cannot load --vae {path.name}: {str(e).strip().splitlines()[-1].strip()}") from None
+        return build(lambda: diffusers.AutoencoderKL.from_config(config), slots, tf.get, f"--vae {path.name}")
     finally:
         tf.close()
 
