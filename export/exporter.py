@@ -28,11 +28,13 @@ from . import assets
 from .checkpoint import Checkpoint, SourceOptions, check_defaults, load_modules, open_checkpoint
 from .families import ExportFamily
 from .lora_merge import LoraSpec, merge_loras
-from .onnx_export import OPSET, export_onnx
+from .onnx_export import OPSET, OnnxFile, export_onnx
+from .precision import PRECISIONS, attention_in_fp32, half_modules, policy_fp32, upcast_attention
 from .specs import Geometry, TextEncoderGeometry, build_specs
 from .validate import check_onnx, reference_outputs
 
 ONNX_FILE = "model.onnx"
+ONNX_FILES = {"fp32": ONNX_FILE, "fp16": "model.fp16.onnx"}
 VERSIONED = ("sdrt", "torch", "onnx", "onnxscript", "onnxruntime", "diffusers", "transformers")  # in the manifest
 SEED = 0
 
@@ -47,6 +49,14 @@ class ExportOptions:
     lora_allow_partial: bool = False
     defaults: GenerationDefaults = GenerationDefaults()  # recommended settings; set ones override the checkpoint's
     source: SourceOptions = SourceOptions()  # --vae, --prediction-type, --native-size, --tokenizer, --no-ema
+    precisions: tuple[str, ...] = ("fp32",)  # graphs to write: "fp32", "fp16" (precision.py's policy)
+
+    def __post_init__(self):
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown or not self.precisions:
+            raise UserError(f"unknown precision {', '.join(unknown) or '(none given)'} "
+                            f"(choose from: {', '.join(PRECISIONS)})")
+        object.__setattr__(self, "precisions", tuple(p for p in PRECISIONS if p in self.precisions))
 
 
 def _seq_len(tokenizer, text_encoder) -> int:
@@ -210,24 +220,50 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
                       for t, role in zip(geo.text_encoders, ckpt.spec.text_encoders)}
         scheduler = assets.write_scheduler(modules["scheduler"], tmp, fixes)
         release(modules, specs, components)
+        keep_fp32 = policy_fp32(ckpt.family, modules) if "fp16" in opts.precisions else {}
+        kept: dict[str, str] = {}
         for i, name in enumerate(components, 1):
             spec, t = specs[name], time.perf_counter()
             (tmp / name).mkdir()
             module = spec.wrapper(modules).eval()
-            onnx_file = export_onnx(spec, module, tmp / name / ONNX_FILE, gen)
-            if name == UNET and onnx_file.op_counts.get("Attention", 0) == 0:
-                raise UserError("unet: the ONNX graph has no Attention nodes; the export failed to fuse attention")
-            inputs, refs = reference_outputs(spec, module, gen)
+            ref = reference_outputs(spec, module, gen)
+            precisions = opts.precisions
+            if "fp16" in precisions:
+                reason = keep_fp32.get(name)
+                if reason is None and ref.peak.overflows_fp16:
+                    reason = (f"its fp32 activations exceed fp16's 65504 from {ref.peak.first_overflow} on "
+                              f"(peak {ref.peak.value:.3g} in {ref.peak.module})")
+                if reason is not None:
+                    kept[name] = reason
+                    precisions = ("fp32",)
+                    log(f"[{i}/{len(components)}] {name}: stays fp32 in the fp16 export: {reason}")
+            files: dict[str, OnnxFile] = {}
+            if "fp32" in precisions:
+                files["fp32"] = export_onnx(spec, module, tmp / name / ONNX_FILES["fp32"], gen)
             del module
+            if "fp16" in precisions:
+                needed_later = {m for later in components[i:] for m in specs[later].uses}
+                half = spec.wrapper(half_modules(modules, spec.uses, needed_later)).eval()
+                with attention_in_fp32(upcast_attention(name, modules)):
+                    files["fp16"] = export_onnx(spec, half, tmp / name / ONNX_FILES["fp16"], gen)
+                del half
             release(modules, specs, components[i:])
-            validation = check_onnx(spec, onnx_file.path, inputs, refs)
-            artifact = Artifact(kind="onnx", precision="fp32", file=_relative(onnx_file.path, tmp),
-                                bytes=onnx_file.bytes, external_data=_relative(onnx_file.external_data, tmp),
-                                opset=OPSET, op_counts=onnx_file.op_counts, validation=validation)
-            done[name] = Component(inputs=spec.inputs, outputs=spec.outputs, axes=spec.axes, artifacts=(artifact,))
+            for onnx_file in files.values():
+                if name == UNET and onnx_file.op_counts.get("Attention", 0) == 0:
+                    raise UserError("unet: the ONNX graph has no Attention nodes; the export failed to fuse attention")
+            artifacts = []
+            for precision, onnx_file in files.items():
+                validation = check_onnx(spec, onnx_file.path, ref, precision)
+                artifacts.append(Artifact(kind="onnx", precision=precision, file=_relative(onnx_file.path, tmp),
+                                          bytes=onnx_file.bytes, external_data=_relative(onnx_file.external_data, tmp),
+                                          opset=OPSET, op_counts=onnx_file.op_counts, validation=validation))
+            done[name] = Component(inputs=spec.inputs, outputs=spec.outputs, axes=spec.axes,
+                                   artifacts=tuple(artifacts))
+            checks = ", ".join(f"{a.precision} max|onnx - torch| {a.validation.max_abs_error:.2e} "
+                               f"(threshold {a.validation.threshold:.1e})" for a in artifacts)
             log(f"[{i}/{len(components)}] {name}: {time.perf_counter() - t:.1f} s, "
-                f"{onnx_file.bytes / 2**20:.1f} MiB, max|onnx - torch| {validation.max_abs_error:.2e} "
-                f"(threshold {validation.threshold:.1e})")
+                f"{sum(f.bytes for f in files.values()) / 2**20:.1f} MiB, {checks}")
+            del ref
         native = geo.native_latent * geo.vae_factor
         manifest = Manifest(
             family=ckpt.family,
@@ -243,6 +279,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = lambda s: print(s, 
             versions=package_versions(VERSIONED, missing="unknown"),
             loras=loras,
             defaults=defaults,
+            kept_fp32=kept,
         )
         manifest.save(tmp)
     log(f"sdrt export: wrote {out} in {time.perf_counter() - t0:.1f} s")

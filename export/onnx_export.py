@@ -86,6 +86,8 @@ def export_onnx(spec: ComponentSpec, module: torch.nn.Module, path: Path, gen: t
         program.save(str(path), external_data=external)
     del program
     data = path.with_name(path.name + ".data")
+    # torch may externalise the weights on its own (it did for a 1.7 GB fp16 UNet): trust the disk, not the flag.
+    external = data.is_file()
     model = onnx.load(str(path), load_external_data=False)
     size = path.stat().st_size + (data.stat().st_size if external else 0)
     return OnnxFile(path=path, external_data=data if external else None, bytes=size, op_counts=op_counts(model))

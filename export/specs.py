@@ -22,10 +22,21 @@ MIN_SCALE, MAX_SCALE = 0.5, 2.0
 EXAMPLE_BATCH = 2
 
 
+def _dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _float32(out):
+    """Graph outputs are float32 whatever the module computes in (a no-op for an fp32 module)."""
+    return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+
 class TextEncoderWrapper(torch.nn.Module):
     """input_ids -> the hidden state the pipeline conditions on (+ the projected pooled `text_embeds`).
 
     No attention mask, as the pipelines call it: CLIP and Taiyi's BERT attend to the padding too.
+    Every wrapper takes and returns float32 tensors, whatever precision its module computes in: an fp16 graph
+    casts at its edges, so the engine dir's I/O contract does not depend on the precision.
     """
 
     def __init__(self, text_encoder: torch.nn.Module, penultimate: bool = False, pooled: bool = False):
@@ -35,29 +46,37 @@ class TextEncoderWrapper(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor):
         if not (self.penultimate or self.pooled):
-            return self.text_encoder(input_ids, return_dict=False)[0]
+            return _float32(self.text_encoder(input_ids, return_dict=False)[0])
         out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
         hidden = out.hidden_states[-2] if self.penultimate else out[0]
-        return (hidden, out.text_embeds) if self.pooled else hidden
+        return _float32((hidden, out.text_embeds) if self.pooled else hidden)
 
 
 class UNetWrapper(torch.nn.Module):
-    """(sample, timestep[B] float32, encoder_hidden_states) -> noise prediction."""
+    """(sample, timestep[B] float32, encoder_hidden_states) -> noise prediction.
+
+    The timestep stays float32 in an fp16 graph: diffusers computes the sinusoidal embedding in float32 and
+    casts after it (fp16 cannot tell timestep 999.25 from 999.5).
+    """
 
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
         self.unet = unet
 
     def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        dt = _dtype(self.unet)
+        return _float32(self.unet(sample.to(dt), timestep, encoder_hidden_states.to(dt), return_dict=False)[0])
 
 
 class AddedCondUNetWrapper(UNetWrapper):
-    """SDXL: the UNet also takes the pooled text embedding and the micro-conditioning time ids."""
+    """SDXL: the UNet also takes the pooled text embedding and the micro-conditioning time ids (float32 in any
+    graph: they are sinusoid-embedded like the timestep)."""
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
-        added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        dt = _dtype(self.unet)
+        added = {"text_embeds": text_embeds.to(dt), "time_ids": time_ids}
+        return _float32(self.unet(sample.to(dt), timestep, encoder_hidden_states.to(dt), added_cond_kwargs=added,
+                                  return_dict=False)[0])
 
 
 class VaeDecoderWrapper(torch.nn.Module):
@@ -68,7 +87,7 @@ class VaeDecoderWrapper(torch.nn.Module):
         self.vae = vae
 
     def forward(self, latent):
-        return self.vae.decode(latent, return_dict=False)[0]
+        return _float32(self.vae.decode(latent.to(_dtype(self.vae)), return_dict=False)[0])
 
 
 class VaeEncoderWrapper(torch.nn.Module):
@@ -79,8 +98,8 @@ class VaeEncoderWrapper(torch.nn.Module):
         self.vae = vae
 
     def forward(self, image):
-        dist = self.vae.encode(image, return_dict=False)[0]
-        return dist.mean, dist.logvar
+        dist = self.vae.encode(image.to(_dtype(self.vae)), return_dict=False)[0]
+        return _float32((dist.mean, dist.logvar))
 
 
 @dataclass(frozen=True)

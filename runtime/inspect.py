@@ -42,6 +42,12 @@ def _component_rows(name: str, c: Component, engine_dir: Path) -> list[str]:
         err = f"max|err| {v.max_abs_error:.2e} vs {v.reference} (threshold {v.threshold:.1e})" if v else "not validated"
         ordered = [op for op in FUSED_OPS if op in a.op_counts] + [op for op in a.op_counts if op not in FUSED_OPS]
         ops = ", ".join(f"{op} {a.op_counts[op]}" for op in ordered[:TOP_OPS])
+        if a.engine:
+            e = a.engine
+            rows.append(f"  {a.kind} {a.precision:<5} {a.file}  {disk}  compute {e.compute_capability} ({e.gpu}), "
+                        f"TensorRT {e.tensorrt}, from {e.onnx}, activations {_size(e.device_memory_bytes)}")
+            rows += [f"       profile {k} {p['min']}..{p['max']} (opt {p['opt']})" for k, p in e.profile.items()]
+            continue
         rows.append(f"  {a.kind} {a.precision:<5} {a.file}  {disk}  opset {a.opset}  {err}")
         if ops:
             total = sum(a.op_counts.values())
@@ -93,7 +99,7 @@ def render(m: Manifest, engine_dir: Path) -> str:
     lines = [
         f"engine dir   {engine_dir}",
         f"family       {m.family}   native {w}x{h}   latent {m.latent_channels}ch /{m.vae_scale_factor}   "
-        f"vae scaling {m.vae.scaling_factor:g}" + ("   vae fp32 (force_upcast)" if m.vae.force_upcast else ""),
+        f"vae scaling {m.vae.scaling_factor:g}" + ("   vae force_upcast" if m.vae.force_upcast else ""),
         f"conditioning {describe_conditioning(m)}",
         *(f"tokenizer    {name}: {t['file']}  max_length {t['max_length']}  pad {t['pad_token']!r}"
           for name, t in m.tokenizers.items()),
@@ -104,6 +110,8 @@ def render(m: Manifest, engine_dir: Path) -> str:
     ]
     for lora in m.loras:
         lines.append(f"lora         {lora.file} x{lora.scale} ({lora.format}) {lora.modules_changed}")
+    for name, why in m.kept_fp32.items():
+        lines.append(f"kept fp32    {name}: {why}")
     lines.append("")
     for name, c in m.components.items():
         lines += _component_rows(name, c, engine_dir)

@@ -64,20 +64,40 @@ class Validation:
     max_abs_error: float
     threshold: float
     shapes: dict[str, list[int]]  # the input shapes of the check (not those of the export example)
+    tolerance: str | None = None  # the named rule the threshold came from, e.g. "fp16: 0.001 + 0.02 * max|torch|"
+    # The fp32 reference run's largest |activation| and its module: the fp16 overflow screen's reading.
+    peak_activation: float | None = None
+    peak_module: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a TensorRT engine was built for and from: it runs only where all of it still holds."""
+
+    key: str  # the file name's key: sm<cc>-trt<version>-<graph sha256[:12]>-<profile hash>
+    compute_capability: str  # "9.0": engines are specific to it
+    gpu: str  # the GPU it was built on, e.g. "NVIDIA H100 80GB HBM3" (speed, not compatibility)
+    tensorrt: str  # the exact TensorRT version: a plan runs only on the version that built it
+    onnx: str  # the graph it was built from, relative to the engine dir
+    onnx_sha256: str  # of the graph file and its external data
+    profile: dict[str, dict[str, list[int]]]  # input -> {"min", "opt", "max"} shapes
+    build_seconds: float = 0.0
+    device_memory_bytes: int = 0  # activation memory at the profile's largest shapes
 
 
 @dataclass(frozen=True)
 class Artifact:
-    """One file that runs a component: an ONNX graph now, fp16 graphs and TensorRT engines later."""
+    """One file that runs a component: an ONNX graph (fp32 or fp16) or a TensorRT engine built from one."""
 
-    kind: str  # "onnx" (later "tensorrt")
-    precision: str  # "fp32" (later "fp16")
+    kind: str  # "onnx" or "tensorrt"
+    precision: str  # "fp32" or "fp16": what the graph computes in (fp32 in and out either way)
     file: str  # relative to the engine dir
     bytes: int
     external_data: str | None = None  # relative path of the ONNX external-data file, if any
     opset: int | None = None
     op_counts: dict[str, int] = field(default_factory=dict)
     validation: Validation | None = None
+    engine: EngineInfo | None = None  # tensorrt artifacts only
 
 
 @dataclass(frozen=True)
@@ -92,6 +112,17 @@ class Component:
             if a.kind == kind and a.precision == precision:
                 return a
         raise UserError(f"no {precision} {kind} artifact in this engine dir")
+
+    def graph(self, *preference: str) -> Artifact:
+        """The first ONNX graph present in the order of `preference` (e.g. "fp16", "fp32")."""
+        for precision in preference:
+            for a in self.artifacts:
+                if a.kind == "onnx" and a.precision == precision:
+                    return a
+        raise UserError(f"no {' or '.join(preference)} ONNX graph in this engine dir")
+
+    def engines(self) -> tuple[Artifact, ...]:
+        return tuple(a for a in self.artifacts if a.kind == "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -242,6 +273,8 @@ class Manifest:
     versions: dict[str, str]
     loras: tuple[LoraRecord, ...] = ()
     defaults: GenerationDefaults = GenerationDefaults()
+    # Components an fp16 export left in fp32 (no fp16 graph), with the reason (export/precision.py's policy).
+    kept_fp32: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -249,8 +282,11 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
 
     def save(self, engine_dir: Path) -> Path:
+        """Write manifest.json whole or not at all (a temporary file renamed over it)."""
         path = Path(engine_dir) / MANIFEST_FILE
-        path.write_text(self.to_json())
+        partial = path.with_name(f".{MANIFEST_FILE}.partial")
+        partial.write_text(self.to_json())
+        partial.replace(path)
         return path
 
     @classmethod
@@ -282,6 +318,7 @@ class Manifest:
             versions=d["versions"],
             loras=tuple(LoraRecord(**r) for r in d.get("loras", ())),
             defaults=GenerationDefaults.from_dict(d.get("defaults") or {}, strict=False),
+            kept_fp32=dict(d.get("kept_fp32") or {}),
             format=d["format"],
             format_version=FORMAT_VERSION,
         )
@@ -335,9 +372,16 @@ def _tensor(d: dict) -> TensorSpec:
     return TensorSpec(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
 
 
+def _known(cls, d: dict) -> dict:
+    """The keys of `d` that `cls` has: a field a newer sdrt added is skipped, not fatal."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
 def _artifact(d: dict) -> Artifact:
-    v = d.get("validation")
-    return Artifact(**{**d, "validation": Validation(**v) if v else None})
+    v, e = d.get("validation"), d.get("engine")
+    return Artifact(**{**_known(Artifact, d), "validation": Validation(**_known(Validation, v)) if v else None,
+                       "engine": EngineInfo(**_known(EngineInfo, e)) if e else None})
 
 
 def _component(d: dict) -> Component:

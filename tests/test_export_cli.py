@@ -128,8 +128,8 @@ def test_validation_failure_names_component(tiny_checkpoint, tmp_path, monkeypat
     from sdrt.export import validate
     from sdrt.export.exporter import ExportOptions, export
 
-    monkeypatch.setattr(validate, "VALIDATION_ATOL", -1.0)  # nothing can pass
-    with pytest.raises(UserError, match=r"^text_encoder: ONNX output differs from torch"):
+    monkeypatch.setitem(validate.TOLERANCES, "fp32", validate.Tolerance("fp32", -1.0, 0.0))  # nothing can pass
+    with pytest.raises(UserError, match=r"^text_encoder: fp32 ONNX output differs from torch fp32 .*fp32: -1"):
         export(ExportOptions(checkpoint=str(tiny_checkpoint), out=tmp_path / "eng",
                              components=("text_encoder",)), log=lambda s: None)
     assert_nothing_written(tmp_path, set())
@@ -185,7 +185,7 @@ def test_every_subcommand_flag_has_help():
 
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert set(sub.choices) == {"export", "inspect", "generate", "bench"}
+    assert set(sub.choices) == {"export", "inspect", "generate", "bench", "build", "doctor"}
     for name, p in sub.choices.items():
         for action in p._actions:
             assert action.help, f"sdrt {name} {action.option_strings or action.dest} has no help"
