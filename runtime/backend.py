@@ -1,7 +1,14 @@
 """Engine backends: run one component with inputs checked against the manifest.
 
-`OrtBackend` runs the fp32 ONNX graphs with ONNX Runtime on the CPU. The "cuda" and "tensorrt" backends will
-implement the same interface: `run(component, feeds)`, and a `name` that `sdrt bench` reports ("sdrt-<name>").
+Every backend has one interface, `run(component, feeds) -> outputs` on numpy arrays, and a `name` that
+`sdrt bench` reports ("sdrt-<name>"):
+
+- `cpu`: ONNX Runtime's CPU provider on the fp32 graphs (the fp16 ones if the dir has no fp32 graph);
+- `cuda`: onnxruntime-gpu's CUDA provider on the fp16 graphs, with IO binding (backend_cuda.py);
+- `tensorrt`: TensorRT engines built for this GPU (backend_tensorrt.py);
+- `auto`: tensorrt, then cuda, then cpu: the first that this machine and this engine dir can run.
+
+A GPU backend that cannot run here says why in one line (`unavailable`), which `sdrt doctor` shows too.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import numpy as np
 from .errors import UserError
 from .manifest import Component, Manifest
 
-BACKENDS = ("auto", "cpu")
+BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
+GPU_BACKENDS = ("tensorrt", "cuda")  # in `auto`'s order of preference
 
 
 def check_feeds(name: str, component: Component, feeds: dict[str, np.ndarray]) -> None:
@@ -69,7 +77,7 @@ class OrtBackend:
         return opts
 
     def _session(self, name: str, component: Component):
-        artifact = component.artifact("onnx", "fp32")
+        artifact = component.graph("fp32", "fp16")  # ORT's CPU provider computes most fp16 ops in fp32 anyway
         model = self.engine_dir / artifact.file
         if not model.is_file():
             raise UserError(f"{name}: {artifact.file} is missing from {self.engine_dir}")
@@ -101,7 +109,48 @@ class OrtBackend:
         return self.sessions[name].run([t.name for t in component.outputs], feeds)
 
 
-def make_backend(kind: str, engine_dir: Path, manifest: Manifest):
-    if kind in ("auto", "cpu"):
+def unavailable(kind: str, engine_dir: Path | None = None, manifest: Manifest | None = None) -> str | None:
+    """None if backend `kind` can run here (and run this engine dir, if given), else the one-line reason."""
+    if kind == "cpu":
+        return None
+    from . import gpu
+
+    if kind not in GPU_BACKENDS:
+        raise UserError(f"unknown backend '{kind}' (available: {', '.join(BACKENDS)})")
+    found = gpu.probe()
+    if found.gpu is None:
+        return f"the {kind} backend needs an NVIDIA GPU: {found.problem}"
+    if kind == "cuda":
+        from .backend_cuda import cuda_provider_problem
+
+        return cuda_provider_problem()
+    from .backend_tensorrt import tensorrt_problem
+
+    return tensorrt_problem(found.gpu, engine_dir, manifest)
+
+
+def resolve(kind: str, engine_dir: Path, manifest: Manifest) -> str:
+    """The backend `auto` stands for here: the first of tensorrt, cuda, cpu that can run this engine dir."""
+    if kind != "auto":
+        return kind
+    return next((k for k in GPU_BACKENDS if unavailable(k, engine_dir, manifest) is None), "cpu")
+
+
+def make_backend(kind: str, engine_dir: Path, manifest: Manifest, build: bool = False):
+    """The backend `kind` on this engine dir. A GPU backend that cannot run here is a one-line UserError;
+    `build` lets the tensorrt backend build the engines this GPU lacks (with progress) instead of refusing."""
+    if kind not in BACKENDS:
+        raise UserError(f"unknown backend '{kind}' (available: {', '.join(BACKENDS)})")
+    kind = resolve(kind, engine_dir, manifest)
+    if kind == "cpu":
         return OrtBackend(engine_dir, manifest)
-    raise UserError(f"unknown backend '{kind}' (available: {', '.join(BACKENDS)})")
+    problem = unavailable(kind, None if build else engine_dir, manifest)
+    if problem:
+        raise UserError(problem)
+    if kind == "cuda":
+        from .backend_cuda import OrtCudaBackend
+
+        return OrtCudaBackend(engine_dir, manifest)
+    from .backend_tensorrt import TensorRTBackend
+
+    return TensorRTBackend(engine_dir, manifest, build=build)

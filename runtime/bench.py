@@ -230,6 +230,11 @@ def run_bench(req: BenchRequest, log=lambda s: print(s, file=sys.stderr)) -> dic
     with tempfile.TemporaryDirectory(prefix="sdrt-bench-") as tmp:
         scratch = Path(tmp)
         settings, m = resolve_settings(req, scratch)
+        from .backend import unavailable
+
+        for kind in dict.fromkeys(req.backends):  # before any worker starts: one line, no progress
+            if kind != "auto" and (problem := unavailable(kind, Path(req.engine_dir), m)):
+                raise UserError(problem)
         kinds = list(dict.fromkeys(req.backends)) + ([req.baseline] if req.baseline else [])
         workers: list[Worker] = []
         try:

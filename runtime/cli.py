@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .backend import BACKENDS
 from .errors import UserError
 from .manifest import BUILTIN_DEFAULTS, COMPONENTS, GenerationDefaults
 from .schedulers import SCHEDULER_NAMES
@@ -53,6 +54,11 @@ def _add_export(sub) -> None:
                    "with sdrt")
     p.add_argument("--out", required=True, type=Path, metavar="ENGINE_DIR", help="engine dir to create")
     p.add_argument("--overwrite", action="store_true", help="replace ENGINE_DIR if it exists")
+    p.add_argument("--precision", nargs="+", choices=("fp32", "fp16"), default=["fp32"], metavar="P",
+                   help="graphs to write, one or more of fp32, fp16. fp16 graphs (for the cuda and tensorrt "
+                   "backends) sit beside the fp32 ones, each validated against torch fp32; parts that overflow "
+                   "fp16 stay fp32 (the SDXL VAE; attention of UNets that ask for upcast_attention), see "
+                   "docs/engine-dir.md")
     p.add_argument("--components", nargs="+", choices=COMPONENTS, default=None, metavar="NAME",
                    help=f"components to export, from: {', '.join(COMPONENTS)} (text_encoder_2: SDXL only); "
                    "default: all of the checkpoint's")
@@ -111,7 +117,8 @@ def _run_export(args) -> int:
     export(ExportOptions(checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite,
                          components=tuple(args.components) if args.components else None,
                          loras=tuple(LoraSpec.parse(a) for a in args.lora),
-                         lora_allow_partial=args.lora_allow_partial, defaults=defaults, source=source))
+                         lora_allow_partial=args.lora_allow_partial, defaults=defaults, source=source,
+                         precisions=tuple(args.precision)))
     return 0
 
 
@@ -159,7 +166,10 @@ def _add_generate(sub) -> None:
                    help="start from this image (image-to-image)")
     p.add_argument("--strength", type=float, default=0.8,
                    help="image-to-image: how much of the init image is replaced, in (0, 1]")
-    p.add_argument("--backend", choices=("auto", "cpu"), default="auto", help="engine backend")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="engine backend: cpu (ONNX Runtime), cuda (onnxruntime-gpu on the fp16 graphs), tensorrt "
+                   "(engines from `sdrt build`), or auto: the first of tensorrt, cuda, cpu that can run here "
+                   "(`sdrt doctor ENGINE_DIR` says which and why)")
     p.add_argument("-o", "--out", type=Path, default=Path("sdrt.png"), metavar="OUT.png", help="output PNG")
     p.set_defaults(run=_run_generate)
 
@@ -247,6 +257,82 @@ def _run_bench(args) -> int:
     return 0
 
 
+def _add_build(sub) -> None:
+    from .engines import DEFAULT_MAX_BATCH
+
+    p = sub.add_parser(
+        "build",
+        help="build TensorRT engines for this GPU from an engine dir's graphs",
+        description="Build one strongly typed TensorRT engine per component from its fp16 graph (fp32 where the "
+        "export kept it fp32), on the GPU that will run it: engines are specific to a GPU compute capability and "
+        "a TensorRT version, so export on any machine and build on the serving one. Engines go into the "
+        "component folders, named by GPU, TensorRT version, graph and profile, and the manifest lists them. "
+        "By default an engine takes every size the engine dir does, tuned for the native one, and 1 to "
+        f"{DEFAULT_MAX_BATCH} images; --static fixes one size and batch (smaller and faster). A timing cache in "
+        "the engine dir makes rebuilds fast. Needs an NVIDIA GPU and pip install 'sdrt[tensorrt]'.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR", help="engine dir written by sdrt export")
+    p.add_argument("--components", nargs="+", choices=COMPONENTS, default=None, metavar="NAME",
+                   help="components to build; default: all of the engine dir's")
+    p.add_argument("--static", default=None, metavar="HxW",
+                   help="build for this one size (pixels, e.g. 512x512) and --batch images only")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per call the engines are tuned for (with --static: the only batch); default 1")
+    p.add_argument("--min", dest="min_size", default=None, metavar="HxW",
+                   help="smallest image size the engines take; default: the engine dir's smallest")
+    p.add_argument("--opt", dest="opt_size", default=None, metavar="HxW",
+                   help="the size TensorRT tunes for; default: the model's native size")
+    p.add_argument("--max", dest="max_size", default=None, metavar="HxW",
+                   help="largest image size the engines take; default: the engine dir's largest")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help=f"most images per call; default {DEFAULT_MAX_BATCH} (activation memory grows with it)")
+    p.add_argument("--optimization-level", type=int, choices=range(6), default=3, metavar="N",
+                   help="TensorRT builder optimization level 0-5: higher searches longer for faster kernels")
+    p.add_argument("--workspace", type=float, default=0, metavar="GiB",
+                   help="most scratch memory a kernel may use while building; 0: TensorRT's default (the GPU's)")
+    p.add_argument("--force", action="store_true", help="rebuild engines that are already up to date")
+    p.set_defaults(run=_run_build)
+
+
+def _run_build(args) -> int:
+    from .engines import BuildShapes
+    from .manifest import Manifest
+    from .tensorrt_build import BuildSettings, TrtBuilder, build_engines
+
+    manifest = Manifest.load(args.engine_dir)
+    shapes = BuildShapes.from_flags(manifest, static=args.static, batch=args.batch, min_size=args.min_size,
+                                    opt_size=args.opt_size, max_size=args.max_size, max_batch=args.max_batch)
+    if args.workspace < 0:
+        raise UserError(f"--workspace must be >= 0, got {args.workspace}")
+    settings = BuildSettings(optimization_level=args.optimization_level, workspace_gib=args.workspace)
+    build_engines(args.engine_dir, TrtBuilder(settings), shapes,
+                  tuple(args.components) if args.components else None, settings, force=args.force)
+    return 0
+
+
+def _add_doctor(sub) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="show this machine's CPU, GPUs and backends, and which can run an engine dir",
+        description="Print the CPU, the NVIDIA GPUs (through NVML), driver and CUDA version, the installed "
+        "backends and their versions; with ENGINE_DIR, which backends can run it here and why the others cannot.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("engine_dir", type=Path, nargs="?", default=None, metavar="ENGINE_DIR",
+                   help="also check this engine dir")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=_run_doctor)
+
+
+def _run_doctor(args) -> int:
+    from .doctor import render, report
+
+    r = report(args.engine_dir)
+    print(json.dumps(r, indent=2) if args.json else render(r), end="\n" if args.json else "")
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -269,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_build(sub)
+    _add_doctor(sub)
     return parser
 
 

@@ -116,7 +116,12 @@ class Pipeline:
         return self.tokenizers[self.manifest.conditioning.text_encoders[0]]
 
     @classmethod
-    def load(cls, engine_dir, backend: str = "auto") -> Pipeline:
+    def load(cls, engine_dir, backend: str = "auto", build: bool = False) -> Pipeline:
+        """Load an engine dir on `backend` ("auto", "cpu", "cuda", "tensorrt"; see runtime/backend.py).
+
+        `build=True` lets the tensorrt backend build the engines this GPU lacks, with progress on stderr (minutes);
+        without it a missing engine is an error that says to run `sdrt build`. Nothing is ever built silently.
+        """
         engine_dir = Path(engine_dir)
         manifest = Manifest.load(engine_dir)
         needed = (*manifest.conditioning.text_encoders, UNET, VAE_DECODER)
@@ -126,7 +131,7 @@ class Pipeline:
         toks = {name: PromptTokenizer(engine_dir / t["file"], t["max_length"])
                 for name, t in manifest.tokenizers.items() if name in manifest.conditioning.text_encoders}
         sched = manifest_scheduler_config(engine_dir, manifest)
-        return cls(engine_dir, manifest, make_backend(backend, engine_dir, manifest), toks, sched)
+        return cls(engine_dir, manifest, make_backend(backend, engine_dir, manifest, build=build), toks, sched)
 
     # -- settings -------------------------------------------------------------------------------------
 
@@ -259,6 +264,8 @@ class Pipeline:
         shape = (req.batch, c, req.height // f, req.width // f)
 
         cond = self.conditioning(req)
+        for array in cond.values():  # the same arrays every step: a GPU backend keeps them on the device
+            array.setflags(write=False)
 
         try:
             sampler = make_sampler(req.scheduler, self.scheduler_config, req.steps,
