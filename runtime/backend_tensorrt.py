@@ -92,9 +92,9 @@ class TensorRTBackend:
                                      here.name) + ", or load with build=True")
         self.manifest = manifest
         self.messages: list[str] = []
-        from .tensorrt_build import _logger
+        from .tensorrt_build import capture_logger
 
-        self.logger = _logger(trt, self.messages)
+        self.logger = capture_logger(trt, self.messages)
         self.runtime = trt.Runtime(self.logger)
         self.stream = gpu.Stream()
         self.engines = {name: [_Engine(trt, self.runtime, a, engine_dir, self.messages)

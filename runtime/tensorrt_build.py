@@ -147,7 +147,7 @@ def import_tensorrt():
     return tensorrt
 
 
-def _logger(trt, messages: list[str]):
+def capture_logger(trt, messages: list[str]):
     """A TensorRT logger that keeps warnings and errors (their text tells a version mismatch from a device one)."""
 
     class Logger(trt.ILogger):
@@ -206,7 +206,7 @@ class TrtBuilder:
     def build(self, onnx_path: Path, profile: dict, timing_cache: Path, label: str) -> tuple[bytes, int]:
         trt = self.trt
         messages: list[str] = []
-        logger = _logger(trt, messages)
+        logger = capture_logger(trt, messages)
         builder = trt.Builder(logger)
         flags = 0
         strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)

@@ -212,16 +212,16 @@ def test_missing_lora_file(tiny_checkpoint, tmp_path):
     _assert_refused(tiny_checkpoint, tmp_path, str(tmp_path / "none.safetensors:0.5"), "LoRA file not found")
 
 
-def test_lcm_style_lora_runs_end_to_end(tiny_checkpoint, tiny_modules, tmp_path):
-    """A merged kohya LoRA engine runs with the lcm scheduler at 4 steps and differs from the base engine."""
+def test_lcm_style_lora_runs_end_to_end(tiny_checkpoint, tiny_modules, tiny_engine, tmp_path):
+    """A merged kohya LoRA engine runs with the lcm scheduler at 4 steps and differs from the base engine (the
+    session's export of the same checkpoint without the LoRA)."""
     from sdrt.runtime.pipeline import Pipeline
 
     path = write_kohya(random_entries(tiny_modules, seed=9), tmp_path / "lcm_lora.safetensors")
     export(ExportOptions(checkpoint=str(tiny_checkpoint), out=tmp_path / "eng", loras=(LoraSpec(path),)),
            log=lambda s: None)
-    export(ExportOptions(checkpoint=str(tiny_checkpoint), out=tmp_path / "base"), log=lambda s: None)
     kwargs = dict(steps=4, guidance_scale=1.0, scheduler="lcm", seed=0, output_type="np")
     merged = Pipeline.load(tmp_path / "eng")("a red circle", **kwargs)
-    base = Pipeline.load(tmp_path / "base")("a red circle", **kwargs)
+    base = Pipeline.load(tiny_engine)("a red circle", **kwargs)
     assert merged.shape == base.shape == (1, 64, 64, 3) and np.isfinite(merged).all()
     assert float(np.abs(merged - base).max()) > 0.05  # a LoRA that changes nothing is a bug
