@@ -49,6 +49,15 @@ def check_feeds(name: str, component: Component, feeds: dict[str, np.ndarray]) -
                 raise UserError(f"{name}.{t.name}: {dim} = {size} but another input has {sizes[dim]}")
 
 
+def checked(manifest: Manifest, name: str, feeds: dict[str, np.ndarray]) -> Component:
+    """The component `name`, after checking `feeds` against it (every backend's `run` starts here)."""
+    component = manifest.components.get(name)
+    if component is None:
+        raise UserError(f"this engine dir has no {name} component (exported: {', '.join(manifest.components)})")
+    check_feeds(name, component, feeds)
+    return component
+
+
 class OrtBackend:
     """One ONNX Runtime session per component, created once, on the CPU execution provider.
 
@@ -102,10 +111,7 @@ class OrtBackend:
         return self._ort.InferenceSession(str(model), opts, providers=[self.provider])
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        component = self.manifest.components.get(name)
-        if component is None:
-            raise UserError(f"this engine dir has no {name} component (exported: {', '.join(self.manifest.components)})")
-        check_feeds(name, component, feeds)
+        component = checked(self.manifest, name, feeds)
         return self.sessions[name].run([t.name for t in component.outputs], feeds)
 
 

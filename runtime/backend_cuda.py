@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import OrtBackend, check_feeds
+from .backend import OrtBackend, checked
 from .errors import UserError
 from .manifest import Component, Manifest
 
@@ -99,10 +99,7 @@ class OrtCudaBackend(OrtBackend):
         return session
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        component = self.manifest.components.get(name)
-        if component is None:
-            raise UserError(f"this engine dir has no {name} component (exported: {', '.join(self.manifest.components)})")
-        check_feeds(name, component, feeds)
+        component = checked(self.manifest, name, feeds)
         session = self.sessions[name]
         binding = session.io_binding()
 

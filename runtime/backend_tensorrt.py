@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import gpu
-from .backend import check_feeds
+from .backend import checked
 from .engines import covers, matching_engines, mismatch
 from .errors import UserError
 from .manifest import Artifact, Manifest
@@ -118,10 +118,7 @@ class TensorRTBackend:
                         "(--min/--max/--max-batch)")
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        component = self.manifest.components.get(name)
-        if component is None:
-            raise UserError(f"this engine dir has no {name} component (exported: {', '.join(self.manifest.components)})")
-        check_feeds(name, component, feeds)
+        component = checked(self.manifest, name, feeds)
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}
         e = self._pick(name, shapes)
         ctx, moved = e.context, False
