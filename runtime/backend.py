@@ -147,12 +147,12 @@ def make_backend(kind: str, engine_dir: Path, manifest: Manifest, build: bool = 
     `build` lets the tensorrt backend build the engines this GPU lacks (with progress) instead of refusing."""
     if kind not in BACKENDS:
         raise UserError(f"unknown backend '{kind}' (available: {', '.join(BACKENDS)})")
-    kind = resolve(kind, engine_dir, manifest)
+    if kind == "auto":  # resolve() has already checked the backend it picks
+        kind = resolve(kind, engine_dir, manifest)
+    elif problem := unavailable(kind, None if build else engine_dir, manifest):
+        raise UserError(problem)
     if kind == "cpu":
         return OrtBackend(engine_dir, manifest)
-    problem = unavailable(kind, None if build else engine_dir, manifest)
-    if problem:
-        raise UserError(problem)
     if kind == "cuda":
         from .backend_cuda import OrtCudaBackend
 
