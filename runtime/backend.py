@@ -14,6 +14,8 @@ A GPU backend that cannot run here says why in one line (`unavailable`), which `
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +115,22 @@ class OrtBackend:
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         component = checked(self.manifest, name, feeds)
         return self.sessions[name].run([t.name for t in component.outputs], feeds)
+
+
+class TimedBackend:
+    """A backend whose every `run` also reports (component, seconds) to `observe`: a server's per-stage latency."""
+
+    def __init__(self, backend, observe: Callable[[str, float], None]):
+        self.inner = backend
+        self.name = backend.name
+        self.observe = observe
+
+    def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        start = time.perf_counter()
+        try:
+            return self.inner.run(name, feeds)
+        finally:
+            self.observe(name, time.perf_counter() - start)
 
 
 def unavailable(kind: str, engine_dir: Path | None = None, manifest: Manifest | None = None) -> str | None:

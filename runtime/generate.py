@@ -1,4 +1,4 @@
-"""`sdrt generate`: run a Pipeline from CLI settings and write PNGs with A1111-style parameters."""
+"""`sdrt generate`: run a Pipeline from CLI settings and write PNGs with A1111 parameters (runtime/infotext.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import images
 from .errors import UserError
+from .infotext import Infotext
 from .manifest import GenerationDefaults, Manifest
 from .pipeline import Pipeline, check_size
 
@@ -28,22 +29,6 @@ class GenerateRequest:
     backend: str
     out: Path
     guidance_rescale: float | None = None
-
-
-def a1111_parameters(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int,
-                     width: int, height: int, model: str, strength: float | None, rescale: float = 0.0) -> str:
-    """The `parameters` text A1111 writes: prompt, `Negative prompt:` line, then `Key: value` pairs."""
-    pairs = [("Steps", steps), ("Sampler", sampler), ("CFG scale", cfg), ("Seed", seed),
-             ("Size", f"{width}x{height}"), ("Model", model)]
-    if strength is not None:
-        pairs.append(("Denoising strength", strength))
-    if rescale:
-        pairs.append(("Guidance rescale", rescale))
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in pairs))
-    return "\n".join(lines)
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
@@ -78,9 +63,9 @@ def generate(req: GenerateRequest) -> list[Path]:
                   guidance_scale=settings.guidance_scale, scheduler=settings.scheduler, seed=req.seed, height=h,
                   width=w, num_images_per_prompt=req.num_images, image=init, strength=req.strength, progress=True,
                   guidance_rescale=settings.guidance_rescale)
-    text = a1111_parameters(req.prompt, req.negative_prompt, settings.steps, settings.scheduler,
-                            settings.guidance_scale, req.seed, w, h, Path(req.engine_dir).resolve().name,
-                            req.strength if init is not None else None, settings.guidance_rescale)
+    text = Infotext(req.prompt, req.negative_prompt, settings.steps, settings.scheduler, settings.guidance_scale,
+                    req.seed, w, h, Path(req.engine_dir).resolve().name, req.strength if init is not None else None,
+                    settings.guidance_rescale).text()
     paths = output_paths(req.out, len(result))
     for image, path in zip(result, paths):
         images.save_png(image, path, text)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import images
-from .backend import make_backend
+from .backend import TimedBackend, make_backend
 from .errors import UserError
 from .families import MicroConditioning, PromptEncoder, check_pair
 from .manifest import (BUILTIN_DEFAULTS, SCHEDULER_FILE, UNET, VAE_DECODER, VAE_ENCODER, GenerationDefaults,
@@ -116,11 +117,13 @@ class Pipeline:
         return self.tokenizers[self.manifest.conditioning.text_encoders[0]]
 
     @classmethod
-    def load(cls, engine_dir, backend: str = "auto", build: bool = False) -> Pipeline:
+    def load(cls, engine_dir, backend: str = "auto", build: bool = False,
+             observe: Callable[[str, float], None] | None = None) -> Pipeline:
         """Load an engine dir on `backend` ("auto", "cpu", "cuda", "tensorrt"; see runtime/backend.py).
 
         `build=True` lets the tensorrt backend build the engines this GPU lacks, with progress on stderr (minutes);
         without it a missing engine is an error that says to run `sdrt build`. Nothing is ever built silently.
+        `observe(component, seconds)` is told the duration of every engine call (a server's stage metrics).
         """
         engine_dir = Path(engine_dir)
         manifest = Manifest.load(engine_dir)
@@ -131,12 +134,22 @@ class Pipeline:
         toks = {name: PromptTokenizer(engine_dir / t["file"], t["max_length"])
                 for name, t in manifest.tokenizers.items() if name in manifest.conditioning.text_encoders}
         sched = manifest_scheduler_config(engine_dir, manifest)
-        return cls(engine_dir, manifest, make_backend(backend, engine_dir, manifest, build=build), toks, sched)
+        engines = make_backend(backend, engine_dir, manifest, build=build)
+        return cls(engine_dir, manifest, engines if observe is None else TimedBackend(engines, observe), toks, sched)
 
     # -- settings -------------------------------------------------------------------------------------
 
-    def _request(self, prompt, negative_prompt, steps, guidance_scale, scheduler, height, width,
-                 num_images_per_prompt, strength, eta, image, guidance_rescale, micro) -> Request:
+    def request(self, prompt, negative_prompt=None, *, steps: int | None = None,
+                guidance_scale: float | None = None, scheduler: str | None = None, height: int | None = None,
+                width: int | None = None, num_images_per_prompt: int = 1, strength: float = 0.8, eta: float = 0.0,
+                image=None, guidance_rescale: float | None = None, original_size: tuple[int, int] | None = None,
+                crops_coords_top_left: tuple[int, int] = (0, 0),
+                target_size: tuple[int, int] | None = None) -> Request:
+        """One generation's settings, with the engine dir's defaults filled in and every value checked; no engine
+        call. `image` (the init image, if any) only gives the size when height or width is left out."""
+        micro = MicroConditioning(check_pair("original_size", original_size),
+                                  check_pair("crops_coords_top_left", crops_coords_top_left),
+                                  check_pair("target_size", target_size))
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise UserError("prompt must be a string or a non-empty list of strings")
@@ -202,8 +215,56 @@ class Pipeline:
         # p0, p0, p1, p1) when several images meet num_images_per_prompt > 1; for one image both agree.
         return np.repeat(latents, req.batch // n, axis=0).astype(np.float32)
 
-    def denoise(self, x: np.ndarray, cond: dict[str, np.ndarray], sampler, req: Request, rng,
-                progress: bool) -> np.ndarray:
+    def _sampler(self, req: Request, img2img: bool):
+        try:
+            return make_sampler(req.scheduler, self.scheduler_config, req.steps,
+                                strength=req.strength if img2img else 1.0, eta=req.eta)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    def prepare(self, req: Request, seed: int | None = None, image=None,
+                latents: np.ndarray | None = None) -> Generation:
+        """Everything before the denoising loop: the conditioning and the starting latents, drawn from the
+        generation's own random stream (see the module docstring for the order of draws)."""
+        rng = np.random.default_rng(seed)
+        f, c = self.manifest.vae_scale_factor, self.manifest.latent_channels
+        shape = (req.batch, c, req.height // f, req.width // f)
+        cond = self.conditioning(req)
+        sampler = self._sampler(req, image is not None)
+        if image is not None:
+            init = self.encode_image(image, req, rng)
+            x = sampler.add_noise(init, rng.standard_normal(shape, dtype=np.float32))
+        else:
+            noise = rng.standard_normal(shape, dtype=np.float32) if latents is None else np.asarray(latents, np.float32)
+            if noise.shape != shape:
+                raise UserError(f"latents have shape {list(noise.shape)}, expected {list(shape)}")
+            x = noise * np.float32(sampler.init_noise_sigma)
+        return Generation(req, rng, cond, x, image is not None)
+
+    def run(self, generations: list[Generation], progress: bool = False,
+            on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        """Denoise and decode prepared generations that share one batch_key, their rows side by side in every
+        UNet call; returns each one's images, float32 [N, H, W, 3] in [0, 1], exactly as if it had run alone.
+
+        `on_step(done, total)` is called after each denoising step; an exception it raises stops the run.
+        """
+        first = generations[0]
+        if any(g.key != first.key for g in generations):
+            raise ValueError("generations in one run must share a batch_key")
+        cond = _side_by_side([g.cond for g in generations], first.req.guidance_scale > 1.0)
+        for array in cond.values():  # the same arrays every step: a GPU backend keeps them on the device
+            array.setflags(write=False)
+        x = np.concatenate([g.latents for g in generations]) if len(generations) > 1 else first.latents
+        x = self.denoise(x, cond, self._sampler(first.req, first.img2img), first.req, generations, progress, on_step)
+        out, start = [], 0
+        for g in generations:
+            n = g.latents.shape[0]
+            out.append(self.decode(x[start:start + n]))
+            start += n
+        return out
+
+    def denoise(self, x: np.ndarray, cond: dict[str, np.ndarray], sampler, req: Request,
+                generations: list[Generation], progress: bool, on_step=None) -> np.ndarray:
         cfg = req.guidance_scale > 1.0
         timesteps = sampler.timesteps
         bar = _progress_bar(len(timesteps), progress)
@@ -218,10 +279,15 @@ class Pipeline:
                 eps = eps_uncond + req.guidance_scale * (eps_cond - eps_uncond)
                 if req.guidance_rescale > 0.0:
                     eps = rescale_guidance(eps, eps_cond, req.guidance_rescale)
-            noise = rng.standard_normal(x.shape, dtype=np.float32) if sampler.needs_noise(i) else None
+            noise = None
+            if sampler.needs_noise(i):  # each generation draws its own rows from its own stream
+                noise = np.concatenate([g.rng.standard_normal(g.latents.shape, dtype=np.float32)
+                                        for g in generations])
             x = sampler.step(eps, i, x, noise)
             if bar:
                 bar.update(1)
+            if on_step:
+                on_step(i + 1, len(timesteps))
         if bar:
             bar.close()
         return x
@@ -251,39 +317,58 @@ class Pipeline:
 
         SDXL only: `original_size`, `crops_coords_top_left` and `target_size` are the micro-conditioning
         (height, width) pairs, with diffusers' defaults: (height, width), (0, 0), (height, width).
+
+        The same as `run([prepare(request(...), seed, image, latents)])`; a server batches several prepared
+        generations in one `run`.
         """
         if output_type not in ("pil", "np"):
             raise UserError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-        micro = MicroConditioning(check_pair("original_size", original_size),
-                                  check_pair("crops_coords_top_left", crops_coords_top_left),
-                                  check_pair("target_size", target_size))
-        req = self._request(prompt, negative_prompt, steps, guidance_scale, scheduler, height, width,
-                            num_images_per_prompt, strength, eta, image, guidance_rescale, micro)
-        rng = np.random.default_rng(seed)
-        f, c = self.manifest.vae_scale_factor, self.manifest.latent_channels
-        shape = (req.batch, c, req.height // f, req.width // f)
-
-        cond = self.conditioning(req)
-        for array in cond.values():  # the same arrays every step: a GPU backend keeps them on the device
-            array.setflags(write=False)
-
-        try:
-            sampler = make_sampler(req.scheduler, self.scheduler_config, req.steps,
-                                   strength=req.strength if image is not None else 1.0, eta=req.eta)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if image is not None:
-            init = self.encode_image(image, req, rng)
-            x = sampler.add_noise(init, rng.standard_normal(shape, dtype=np.float32))
-        else:
-            noise = rng.standard_normal(shape, dtype=np.float32) if latents is None else np.asarray(latents, np.float32)
-            if noise.shape != shape:
-                raise UserError(f"latents have shape {list(noise.shape)}, expected {list(shape)}")
-            x = noise * np.float32(sampler.init_noise_sigma)
-
-        x = self.denoise(x, cond, sampler, req, rng, progress)
-        out = self.decode(x)
+        req = self.request(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                           height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+                           strength=strength, eta=eta, image=image, guidance_rescale=guidance_rescale,
+                           original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                           target_size=target_size)
+        (out,) = self.run([self.prepare(req, seed, image, latents)], progress)
         return images.to_pil(out) if output_type == "pil" else out
+
+
+def batch_key(req: Request, img2img: bool) -> tuple:
+    """Generations with equal keys can share UNet calls: the same latent size and the same scheduler run
+    (one timestep and one guidance formula per call). Prompts, seeds, negative prompts and SDXL size
+    conditioning may differ: they are per row."""
+    return (req.height, req.width, req.steps, req.scheduler, req.guidance_scale, req.guidance_rescale, req.eta,
+            img2img, req.strength if img2img else None)
+
+
+@dataclass
+class Generation:
+    """One request prepared for the denoising loop: its settings, its own random stream, its conditioning
+    (unconditional rows first under guidance) and its starting latents."""
+
+    req: Request
+    rng: np.random.Generator
+    cond: dict[str, np.ndarray]
+    latents: np.ndarray
+    img2img: bool
+
+    @property
+    def key(self) -> tuple:
+        return batch_key(self.req, self.img2img)
+
+
+def _side_by_side(conds: list[dict[str, np.ndarray]], guided: bool) -> dict[str, np.ndarray]:
+    """Several generations' conditioning as one batch: under guidance all unconditional rows, then all
+    conditional ones, the layout the loop splits in two."""
+    if len(conds) == 1:
+        return conds[0]
+    out = {}
+    for name in conds[0]:
+        if guided:
+            halves = [np.split(c[name], 2) for c in conds]
+            out[name] = np.concatenate([h[0] for h in halves] + [h[1] for h in halves])
+        else:
+            out[name] = np.concatenate([c[name] for c in conds])
+    return out
 
 
 def rescale_guidance(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.ndarray:

@@ -89,11 +89,11 @@ def test_generate_and_inspect_show_engine_defaults(engine_with_defaults, tiny_en
     out = tmp_path / "a.png"
     r = run_sdrt("generate", str(engine_with_defaults), "a red circle", "--seed", "5", "-o", str(out))
     assert r.returncode == 0, r.stderr
-    assert "Steps: 3, Sampler: euler, CFG scale: 1.0, Seed: 5" in Image.open(out).text["parameters"]
+    assert "Steps: 3, Sampler: Euler, CFG scale: 1.0, Seed: 5" in Image.open(out).text["parameters"]
     r = run_sdrt("generate", str(engine_with_defaults), "a red circle", "--seed", "5", "--steps", "2",
                  "--guidance-scale", "4", "-o", str(out))
     assert r.returncode == 0, r.stderr
-    assert "Steps: 2, Sampler: euler, CFG scale: 4.0, Seed: 5" in Image.open(out).text["parameters"]
+    assert "Steps: 2, Sampler: Euler, CFG scale: 4.0, Seed: 5" in Image.open(out).text["parameters"]
     shown = run_sdrt("inspect", str(engine_with_defaults)).stdout
     assert "defaults     guidance 1   steps 3   scheduler euler   guidance rescale 0 (sdrt's)\n" in shown
     shown = run_sdrt("inspect", str(tiny_engine)).stdout

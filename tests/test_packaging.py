@@ -98,7 +98,7 @@ def test_readme_main_job_from_an_empty_folder(tmp_path):
     for prompt, seed, colour, shape in (("a red circle", "1", "red", "circle"), ("蓝色的正方形", "2", "blue", "square")):
         run("generate", "demo-engine", prompt, "--seed", seed, "-o", f"{colour}.png")
         image = Image.open(tmp_path / f"{colour}.png")
-        assert "Steps: 25, Sampler: pndm, CFG scale: 3.0" in image.text["parameters"]
+        assert "Steps: 25, Sampler: PLMS, CFG scale: 3.0" in image.text["parameters"]
         verdict = judge(image)
         assert (verdict.colour, verdict.shape) == (colour, shape), (prompt, verdict)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blue.png", "demo-engine", "red.png"]

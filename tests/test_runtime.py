@@ -69,7 +69,7 @@ def test_generate_writes_png_with_parameters(tiny_engine, tmp_path):
                  "--seed", "5", "--scheduler", "euler", "--guidance-scale", "6.5", "-o", str(out))
     assert r.returncode == 0, r.stderr
     text = Image.open(out).text["parameters"]
-    assert text == ("a red circle\nNegative prompt: blurry\nSteps: 3, Sampler: euler, CFG scale: 6.5, Seed: 5, "
+    assert text == ("a red circle\nNegative prompt: blurry\nSteps: 3, Sampler: Euler, CFG scale: 6.5, Seed: 5, "
                     f"Size: 64x64, Model: {tiny_engine.name}")
     assert "denoising" in r.stderr  # the step progress bar
 
@@ -126,3 +126,35 @@ def test_checkpoint_scheduler_without_numpy_port(tiny_engine, tmp_path):
     r = run_sdrt("generate", str(engine), "a red circle", "--steps", "2", "--scheduler", "euler",
                  "-o", str(tmp_path / "b.png"))
     assert r.returncode == 0 and (tmp_path / "b.png").is_file(), r.stderr
+
+
+def test_batched_generations_equal_each_alone(tiny_engine):
+    """Pipeline.run with several prepared generations (the server's dynamic batching): one UNet call per step
+    for all of them, and each result bit-equal to its solo run, for stochastic and multistep samplers."""
+    from sdrt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(tiny_engine, "cpu")
+    init = pipe("a blue square", steps=2, seed=3)[0]
+    for scheduler, image in (("euler-a", None), ("dpmpp-2m-karras", None), ("pndm", None), ("ddim", init)):
+        reqs = [pipe.request(p, n, steps=4, scheduler=scheduler, guidance_scale=6.0, image=image, strength=0.6)
+                for p, n in (("a red circle", None), ("a blue square", "ugly"), ("a cat", ""))]
+        alone = [pipe.run([pipe.prepare(r, 10 + i, image)])[0] for i, r in enumerate(reqs)]
+        calls = []
+        run = pipe.backend.run
+
+        def spy(name, feeds):
+            if name == "unet":
+                calls.append(feeds["sample"].shape[0])
+            return run(name, feeds)
+
+        pipe.backend.run = spy
+        try:
+            together = pipe.run([pipe.prepare(r, 10 + i, image) for i, r in enumerate(reqs)])
+        finally:
+            pipe.backend.run = run
+        assert set(calls) == {6}, (scheduler, calls)  # 3 generations x [uncond, cond]
+        for a, b in zip(alone, together):
+            assert np.array_equal(a, b), scheduler
+    other = pipe.request("x", steps=5)
+    with pytest.raises(ValueError, match="batch_key"):
+        pipe.run([pipe.prepare(reqs[0], 1, init), pipe.prepare(other, 2)])
