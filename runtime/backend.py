@@ -14,6 +14,8 @@ A GPU backend that cannot run here says why in one line (`unavailable`), which `
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,14 +105,25 @@ class OrtBackend:
                 cache.unlink(missing_ok=True)
                 opts = self._options()
         opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if os.access(model.parent, os.W_OK):
-            opts.optimized_model_filepath = str(cache)
+        if not os.access(model.parent, os.W_OK):
+            return self._ort.InferenceSession(str(model), opts, providers=[self.provider])
+        # ORT writes the cache as it optimizes: into a private folder, then renamed into place (data file first),
+        # so a process loading the same dir at the same time (server replicas) never reads a half-written cache.
+        staging = Path(tempfile.mkdtemp(prefix=".ort-cache-", dir=model.parent))
+        try:
+            opts.optimized_model_filepath = str(staging / cache.name)
             if artifact.external_data:  # keep the cache under the protobuf limit too
                 opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                               cache.name + ".data")
                 opts.add_session_config_entry(
                     "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        return self._ort.InferenceSession(str(model), opts, providers=[self.provider])
+            session = self._ort.InferenceSession(str(model), opts, providers=[self.provider])
+            for name in (cache.name + ".data", cache.name):
+                if (staging / name).is_file():
+                    os.replace(staging / name, cache.parent / name)
+            return session
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         component = checked(self.manifest, name, feeds)
