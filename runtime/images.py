@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,12 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     image.save(path, pnginfo=info)
+
+
+def png_bytes(image: Image.Image, parameters: str) -> bytes:
+    """A PNG file's bytes with `parameters` in its text chunk, as save_png writes it."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buf = BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
