@@ -24,8 +24,7 @@ from . import images
 from .backend import TimedBackend, make_backend
 from .errors import UserError
 from .families import MicroConditioning, PromptEncoder, check_pair
-from .manifest import (BUILTIN_DEFAULTS, SCHEDULER_FILE, UNET, VAE_DECODER, VAE_ENCODER, GenerationDefaults,
-                       Manifest)
+from .manifest import BUILTIN_DEFAULTS, SCHEDULER_FILE, UNET, VAE_DECODER, VAE_ENCODER, GenerationDefaults, Manifest
 from .schedulers import SCHEDULER_NAMES, SchedulerConfig, default_scheduler_name, make_sampler
 from .tokenizer import PromptTokenizer
 

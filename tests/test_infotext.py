@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.infotext import SAMPLERS, Infotext, from_sdrt, parse, supported_names, to_sdrt
 from sdrt.runtime.schedulers import SCHEDULER_NAMES
