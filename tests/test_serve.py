@@ -470,6 +470,14 @@ def test_cli_refuses_bad_flags_in_one_line(tiny_engine):
 
 
 
+def test_batching_defaults_by_where_the_backend_runs(tiny_engine):
+    from sdrt.runtime.serve.config import CPU_MAX_BATCH, GPU_MAX_BATCH, on_cpu, serve_config
+
+    assert serve_config(tiny_engine, backend="cpu").max_batch == CPU_MAX_BATCH == 1
+    assert serve_config(tiny_engine, backend="cpu", max_batch=3).max_batch == 3
+    assert not on_cpu("tensorrt") and not on_cpu("cuda") and GPU_MAX_BATCH == 4
+
+
 def test_dockerfiles_run_a_valid_sdrt_serve_command():
     """No Docker daemon here: check what can be checked, that the images' commands parse and their COPY
     sources exist."""

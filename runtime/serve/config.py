@@ -9,6 +9,10 @@ from pathlib import Path
 from ..errors import UserError
 
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
+# --max-batch left out. On the CPU, batching bought no throughput for SD 1.5 at 512x512 on 2 cores and took 2.4x
+# the memory at 4 images (benchmarks/results/serve_sd15_512_cpu.json); on a GPU, a UNet call on one image leaves
+# the device underused and gains flatten near 4 images at 512x512 (serving_anchors.md §4).
+CPU_MAX_BATCH, GPU_MAX_BATCH = 1, 4
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class ServeConfig:
     engine_dir: Path
     backend: str = "auto"
     queue_size: int = 16
-    max_batch: int = 4
+    max_batch: int = 1  # serve_config picks by backend: CPU_MAX_BATCH or GPU_MAX_BATCH
     batch_wait: float = 0.02  # seconds the worker waits for compatible requests to fill a batch
     timeout: float = 600.0  # per request, queue wait included
     api_key: str | None = None
@@ -40,15 +44,26 @@ def missing_modules(names=SERVE_MODULES) -> list[str]:
     return [n for n in names if importlib.util.find_spec(n) is None]
 
 
-def serve_config(engine_dir: Path, *, backend: str = "auto", queue_size: int = 16, max_batch: int = 4,
+def on_cpu(backend: str) -> bool:
+    """Whether `backend` runs on the CPU here: cpu, or auto on a machine with no visible NVIDIA GPU."""
+    if backend != "auto":
+        return backend == "cpu"
+    from ..gpu import probe
+
+    return probe().gpu is None
+
+
+def serve_config(engine_dir: Path, *, backend: str = "auto", queue_size: int = 16, max_batch: int | None = None,
                  batch_wait: float = 0.02, timeout: float = 600.0, api_key: str | None = None,
                  max_body_mb: float = 50.0, max_images: int = 8, max_steps: int = 150,
                  build: bool = False, check_engine: bool = True) -> ServeConfig:
     """A ServeConfig from flag values, refusing bad ones, an engine dir that cannot be served here (unless
     `check_engine` is False: Ray may build the app on a node that serves nothing), and a missing `serve` extra,
-    each in one line."""
+    each in one line. `max_batch` None: CPU_MAX_BATCH where the backend runs on the CPU, else GPU_MAX_BATCH."""
     if missing := missing_modules():
         raise UserError(f"sdrt serve needs {', '.join(missing)}: pip install 'sdrt[serve]'")
+    if max_batch is None:
+        max_batch = CPU_MAX_BATCH if on_cpu(backend) else GPU_MAX_BATCH
     for flag, value, low in (("--queue-size", queue_size, 0), ("--max-batch", max_batch, 1),
                              ("--max-images", max_images, 1), ("--max-steps", max_steps, 1)):
         if value < low:

@@ -20,6 +20,7 @@ import math
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -146,7 +147,9 @@ class JobQueue:
         self._accepting = pipeline is not None
         self._stop = False
         self._seconds_per_image = 0.0  # moving average, for Retry-After
-        self._last_batch = 1  # images in the last batch: how many to wait for
+        # Jobs in the system (waiting or running) as each of the last submissions found it: how many requests
+        # are in flight at once lately, so how full a batch can get by waiting a moment.
+        self._load: deque[int] = deque([1], maxlen=16)
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -188,6 +191,7 @@ class JobQueue:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise QueueFull(len(self._waiting), self._retry_after())
             job = Job(specs, timeout, request_id)
+            self._load.append(len(self._waiting) + len(self._running) + 1)
             self._jobs[job.id] = job
             self._waiting.append(job)
             self._gauges()
@@ -262,9 +266,10 @@ class JobQueue:
                 return _Batch([])
             first = self._waiting[0]
             key = first.specs[first.pending[0]].key
-            # Wait (briefly) only where clients have shown concurrency: closed-loop clients resubmit together
-            # when a batch ends, and the first of them must not leave alone. A lone client never waits.
-            target = min(self.max_batch, self._last_batch)
+            # Wait (briefly) only where clients have shown concurrency lately: closed-loop clients resubmit as
+            # their answers arrive, and without the wait the first one back always runs alone (two clients would
+            # take turns forever). A lone client never waits.
+            target = min(self.max_batch, max(self._load))
             if target > 1 and self.batch_wait > 0:
                 end = time.monotonic() + self.batch_wait
                 while self._images_matching(key) < target and (left := end - time.monotonic()) > 0:
@@ -282,7 +287,6 @@ class JobQueue:
                     job.pending.remove(i)
                 if not job.pending:
                     self._waiting.remove(job)
-            self._last_batch = rows
             now = time.time()
             for job in dict.fromkeys(j for j, _ in units):
                 if job.state == JobState.QUEUED:
