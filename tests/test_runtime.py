@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_sdrt
+from conftest import run_sdrt, unet_batches
 from sdrt.runtime.backend import OrtBackend, check_feeds
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.manifest import Manifest
@@ -128,7 +128,7 @@ def test_checkpoint_scheduler_without_numpy_port(tiny_engine, tmp_path):
     assert r.returncode == 0 and (tmp_path / "b.png").is_file(), r.stderr
 
 
-def test_batched_generations_equal_each_alone(tiny_engine):
+def test_batched_generations_equal_each_alone(tiny_engine, monkeypatch):
     """Pipeline.run with several prepared generations (the server's dynamic batching): one UNet call per step
     for all of them, and each result bit-equal to its solo run, for stochastic and multistep samplers."""
     from sdrt.runtime.pipeline import Pipeline
@@ -139,19 +139,9 @@ def test_batched_generations_equal_each_alone(tiny_engine):
         reqs = [pipe.request(p, n, steps=4, scheduler=scheduler, guidance_scale=6.0, image=image, strength=0.6)
                 for p, n in (("a red circle", None), ("a blue square", "ugly"), ("a cat", ""))]
         alone = [pipe.run([pipe.prepare(r, 10 + i, image)])[0] for i, r in enumerate(reqs)]
-        calls = []
-        run = pipe.backend.run
-
-        def spy(name, feeds):
-            if name == "unet":
-                calls.append(feeds["sample"].shape[0])
-            return run(name, feeds)
-
-        pipe.backend.run = spy
-        try:
+        with monkeypatch.context() as m:
+            calls = unet_batches(pipe, m)
             together = pipe.run([pipe.prepare(r, 10 + i, image) for i, r in enumerate(reqs)])
-        finally:
-            pipe.backend.run = run
         assert set(calls) == {6}, (scheduler, calls)  # 3 generations x [uncond, cond]
         for a, b in zip(alone, together):
             assert np.array_equal(a, b), scheduler
