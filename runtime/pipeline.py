@@ -189,8 +189,14 @@ class Pipeline:
         nh, nw = self.manifest.native_resolution
         height, width = int(height or nh), int(width or nw)
         check_size(self.manifest, height, width)
-        return Request(prompts, negatives, int(steps), float(guidance_scale), float(guidance_rescale), name,
-                       height, width, int(num_images_per_prompt), float(strength), float(eta), micro)
+        req = Request(prompts, negatives, int(steps), float(guidance_scale), float(guidance_rescale), name,
+                      height, width, int(num_images_per_prompt), float(strength), float(eta), micro)
+        if image is not None:  # a strength so low that no step is left is the request's fault, found now
+            try:
+                make_sampler(name, self.scheduler_config, req.steps, strength=req.strength, eta=req.eta)
+            except ValueError as e:
+                raise UserError(f"strength {strength} with {req.steps} steps: {e}") from None
+        return req
 
     # -- stages ---------------------------------------------------------------------------------------
 
@@ -243,7 +249,10 @@ class Pipeline:
     def run(self, generations: list[Generation], progress: bool = False,
             on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
         """Denoise and decode prepared generations that share one batch_key, their rows side by side in every
-        UNet call; returns each one's images, float32 [N, H, W, 3] in [0, 1], exactly as if it had run alone.
+        UNet call; returns each one's images, float32 [N, H, W, 3] in [0, 1], as if it had run alone: bit-equal
+        where the backend's kernels give a row the same result at any batch size (ONNX Runtime's CPU kernels do,
+        tests/test_runtime.py; 0 difference at SD 1.5 512x512), else within float rounding (GPU kernels may pick
+        other algorithms for other batch sizes).
 
         `on_step(done, total)` is called after each denoising step; an exception it raises stops the run.
         """

@@ -289,6 +289,8 @@ def test_metrics_parse_as_prometheus_text(server):
     stages = {s.labels["stage"] for s in families["sdrt_stage_seconds"].samples if "stage" in s.labels}
     assert {"text_encoder", "unet", "vae_decoder", "queue_wait", "job"} <= stages
     assert next(s.value for s in families["sdrt_images"].samples if s.name == "sdrt_images_total") >= 1
+    routes = {(s.labels["route"], s.labels["status"]) for s in families["sdrt_http_requests"].samples}
+    assert ("/v1/generations", "200") in routes  # labelled by route template, not by path
 
 
 # -- load behaviour, limits and bad input ------------------------------------------------------------------
@@ -356,6 +358,81 @@ def test_bad_requests_get_the_right_4xx(tiny_engine):
         # After all of that, the server still works.
         r = requests.post(url, json={"prompt": "x", "steps": 2, "width": 64, "height": 64})
         assert r.status_code == 200
+
+
+def test_a_client_that_goes_away_cancels_its_job(server):
+    base, app = server
+    cancelled = app.state.sdrt.metrics.jobs.labels("cancelled")._value.get()
+    with pytest.raises(requests.Timeout):
+        requests.post(f"{base}/v1/generations?wait=true", json={"prompt": "x", "steps": 15000}, timeout=1.0)
+    deadline = time.monotonic() + 15
+    while app.state.sdrt.metrics.jobs.labels("cancelled")._value.get() == cancelled:
+        assert time.monotonic() < deadline, "the abandoned job was not cancelled"
+        time.sleep(0.05)
+    assert requests.get(f"{base}/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+def test_unusable_text_and_strength_are_422_before_queueing(server):
+    base = server[0]
+    r = requests.post(f"{base}/sdapi/v1/txt2img", data='{"prompt": "a\\ud800", "steps": 2}',
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "prompt"]
+    r = requests.post(f"{base}/sdapi/v1/img2img", json={"init_images": [png(Image.new("RGB", (64, 64)))],
+                                                        "denoising_strength": 0.01, "steps": 20})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "denoising_strength"]
+    assert "no denoising step left" in r.json()["errors"]
+    r = requests.post(f"{base}/sdapi/v1/txt2img", json={"prompt": "x", "guidance_scale": "NaN", "cfg_scale": "NaN"})
+    assert r.status_code == 422 and "cfg_scale" in r.json()["errors"]
+
+
+def test_the_worker_survives_a_cancelled_future_and_a_stop_during_decode(tiny_engine):
+    """A waiter's cancellation can cancel a job's future; a cancel can land while the last step's images decode.
+    Neither may kill the worker or leave a job unfinished."""
+    from sdrt.runtime.serve.jobs import JobQueue, JobState
+    from sdrt.runtime.serve.metrics import Metrics
+
+    pipe = Pipeline.load(tiny_engine, "cpu")
+    decoding, release = threading.Event(), threading.Event()
+    decode = pipe.decode
+
+    def slow_decode(latents):
+        decoding.set()
+        assert release.wait(30)
+        return decode(latents)
+
+    pipe.decode = slow_decode
+    queue = JobQueue(pipe, Metrics(), max_queue=4, max_batch=1, timeout=60)
+    queue.start()
+    try:
+        specs = [_spec(pipe, "x", seed) for seed in (1, 2)]
+        job = queue.submit(specs)
+        assert decoding.wait(30)  # image 0 is decoding: its steps are done
+        queue.cancel(job.id)
+        release.set()
+        assert job.future.result(30).state == JobState.CANCELLED
+        decoding.clear()
+        release.clear()
+        other = queue.submit([_spec(pipe, "y", 3)])
+        assert other.future.cancel()  # waiting: a concurrent Future can still be cancelled
+        assert decoding.wait(30)
+        release.set()
+        deadline = time.monotonic() + 30
+        while not other.state.finished:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert queue.alive and other.state == JobState.SUCCEEDED
+        last = queue.submit([_spec(pipe, "z", 4)])
+        assert last.future.result(30).state == JobState.SUCCEEDED
+    finally:
+        release.set()
+        queue.stop(30)
+    assert not queue.alive
+
+
+def _spec(pipe, prompt: str, seed: int):
+    from sdrt.runtime.serve.jobs import ImageSpec
+
+    return ImageSpec(pipe.request(prompt, steps=3), seed, None, prompt)
 
 
 def test_timeout_stops_the_job_with_504(tiny_engine):
@@ -434,15 +511,20 @@ def test_cli_serves_and_drains_on_sigterm(tiny_engine):
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base)
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(requests.post, f"{base}/sdapi/v1/txt2img",
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(requests.post, f"{base}/sdapi/v1/txt2img",
                                   json={"prompt": "x", "steps": 600, "width": 64, "height": 64},
                                   headers={"X-Request-ID": "req-42"}, timeout=60)
             while requests.get(f"{base}/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
                 time.sleep(0.02)
+            waiting = pool.submit(requests.post, f"{base}/sdapi/v1/txt2img", json={"prompt": "y", "steps": 2},
+                                  timeout=60)
+            while requests.get(f"{base}/sdapi/v1/progress").json()["state"]["job_count"] < 2:
+                time.sleep(0.02)
             proc.send_signal(signal.SIGTERM)
-            r = pending.result()
-        assert r.status_code == 200 and r.headers["X-Request-ID"] == "req-42"
+            r, w = running.result(), waiting.result()
+        assert r.status_code == 200 and r.headers["X-Request-ID"] == "req-42"  # the running job finishes
+        assert w.status_code == 503 and "shutting down" in w.json()["detail"]  # the waiting one is cancelled
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
@@ -456,7 +538,9 @@ def test_cli_refuses_bad_flags_in_one_line(tiny_engine):
     from conftest import assert_one_line_error, run_sdrt
 
     assert_one_line_error(run_sdrt("serve", str(tiny_engine.parent / "missing")), "engine dir not found")
-    assert_one_line_error(run_sdrt("serve", str(tiny_engine), "--queue-size", "-1"), "--queue-size")
+    assert_one_line_error(run_sdrt("serve", str(tiny_engine), "--queue-size", "0"), "--queue-size")
+    assert_one_line_error(run_sdrt("serve", str(tiny_engine), "--timeout", "inf"), "--timeout")
+    assert_one_line_error(run_sdrt("serve", str(tiny_engine), "--replicas", "2"), "--replicas", "--ray")
     assert_one_line_error(run_sdrt("serve", str(tiny_engine), "--api-key", " "), "--api-key")
     with socket.socket() as s:  # a port that is taken
         s.bind(("127.0.0.1", 0))

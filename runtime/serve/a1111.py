@@ -13,7 +13,10 @@ Differences, all on purpose:
   noise is not A1111's torch noise, so the same seed gives a different picture than A1111 would.
 - /interrupt stops the running jobs between steps; their requests answer 409, not partly denoised images.
 - /options stores what clients set (shown by GET) but only `sd_model_checkpoint` is checked: a server
-  serves one engine dir, and naming another one is a 422.
+  serves one engine dir, and naming another one is a 422. `override_settings` may only name that model too.
+- Ignored, as webuiapi always sends them: `eta`, `s_churn`, `s_tmax`, `s_tmin`, `s_noise` (A1111 sampler tuning
+  that defaults to off), `seed_resize_from_*`, `resize_mode` (the init image is resized to width x height),
+  `save_images`, `do_not_save_*`, `hr_*` with `enable_hr` false.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ A1111_NAMES = {"n": "batch_size", "guidance_scale": "cfg_scale", "strength": "de
                "scheduler": "sampler_name", "init_images": "init_images"}
 
 
-def _refuse_unsupported(body: Txt2ImgRequest) -> None:
+def _refuse_unsupported(body: Txt2ImgRequest, pipe) -> None:
     """Fields that would change the picture in A1111 and that sdrt cannot honour."""
     for name in ("restore_faces", "tiling", "enable_hr"):
         if getattr(body, name):
@@ -94,9 +97,12 @@ def _refuse_unsupported(body: Txt2ImgRequest) -> None:
         raise FieldError("styles", "saved styles are not supported by sdrt")
     if isinstance(body, Img2ImgRequest) and body.mask:
         raise FieldError("mask", "inpainting is not supported by sdrt")
-    model = (body.override_settings or {}).get("sd_model_checkpoint")
-    if model:
-        raise FieldError("override_settings", "switching models is not supported: the server serves one engine dir")
+    for key, value in (body.override_settings or {}).items():
+        if key != "sd_model_checkpoint":
+            raise FieldError(f"override_settings/{key}", "per-request settings are not supported by sdrt")
+        if value not in model_names(pipe):
+            raise FieldError("override_settings/sd_model_checkpoint", f"this server serves one engine dir, "
+                             f"{model_names(pipe)[0]}; it cannot switch to {value!r}")
 
 
 def _scheduler(body: Txt2ImgRequest) -> str:
@@ -108,13 +114,16 @@ def _scheduler(body: Txt2ImgRequest) -> str:
                          str(e)) from None
 
 
-def _settings(body: Txt2ImgRequest, init_images: tuple = (), strength: float = 0.8) -> Settings:
-    _refuse_unsupported(body)
+def _settings(request: Request, body: Txt2ImgRequest, init_images: tuple = (), strength: float = 0.8) -> Settings:
+    state = state_of(request)
+    _refuse_unsupported(body, state.pipe())
     batch, n_iter = body.batch_size or 1, body.n_iter or 1
-    if batch < 1:
-        raise FieldError("batch_size", f"must be at least 1, got {batch}")
-    if n_iter < 1:
-        raise FieldError("n_iter", f"must be at least 1, got {n_iter}")
+    for name, value in (("batch_size", batch), ("n_iter", n_iter)):
+        if value < 1:
+            raise FieldError(name, f"must be at least 1, got {value}")
+    if batch * n_iter > state.config.limits.max_images:
+        raise FieldError("n_iter" if n_iter > 1 else "batch_size", f"batch_size x n_iter = {batch * n_iter} "
+                         f"images; this server makes 1 to {state.config.limits.max_images} per request")
     return Settings(prompt=body.prompt or "", negative_prompt=body.negative_prompt or "",
                     steps=50 if body.steps is None else body.steps,
                     guidance_scale=7.0 if body.cfg_scale is None else body.cfg_scale,
@@ -128,9 +137,10 @@ async def _generate(request: Request, body: Txt2ImgRequest, settings: Settings) 
     pipe = state.pipe()
     specs, seeds = await run_in_threadpool(image_specs, pipe, settings, state.config.limits)
     job = state.submit(specs, request)
-    await state.wait(job, state.config.timeout)
+    await state.wait(job, state.config.timeout, request)
     if (error := job_error(job)) is not None:
         raise error
+    state.queue.forget(job)  # this answer carries every image: nothing is left to poll
     sampler, schedule = _names(specs[0].request.scheduler)
     req = specs[0].request
     infotexts = [s.infotext for s in specs]
@@ -148,8 +158,12 @@ async def _generate(request: Request, body: Txt2ImgRequest, settings: Settings) 
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)), "clip_skip": 1,
         "is_using_inpainting_conditioning": False, "version": f"sdrt {request.app.version}", "job_id": job.id,
     }
-    images = [base64.b64encode(p).decode() for p in job.pngs] if body.send_images is not False else []
+    images = await run_in_threadpool(_b64, job.pngs) if body.send_images is not False else []
     return {"images": images, "parameters": body.model_dump(exclude={"init_images"}), "info": json.dumps(info)}
+
+
+def _b64(pngs: list[bytes]) -> list[str]:
+    return [base64.b64encode(p).decode() for p in pngs]
 
 
 def _names(scheduler: str) -> tuple[str, str]:
@@ -166,7 +180,7 @@ def _short_hash(pipe) -> str:
 
 @router.post("/txt2img", summary="Text to image (A1111)")
 async def txt2img(request: Request, body: Txt2ImgRequest):
-    return await _generate(request, body, _settings(body))
+    return await _generate(request, body, _settings(request, body))
 
 
 @router.post("/img2img", summary="Image to image (A1111)")
@@ -178,7 +192,7 @@ async def img2img(request: Request, body: Img2ImgRequest):
     for i, data in enumerate(body.init_images):
         images.append(await run_in_threadpool(decode_image, f"init_images/{i}", data, limits))
     strength = 0.75 if body.denoising_strength is None else body.denoising_strength
-    return await _generate(request, body, _settings(body, tuple(images), strength))
+    return await _generate(request, body, _settings(request, body, tuple(images), strength))
 
 
 @router.get("/samplers", summary="Samplers sdrt runs, with A1111's names")
@@ -201,6 +215,12 @@ def _model(pipe) -> dict:
             "sha256": fp.partition(":")[2] or None, "filename": str(pipe.engine_dir.resolve()), "config": None}
 
 
+def model_names(pipe) -> tuple[str, ...]:
+    """What names the served model: A1111's title (first), its name, its short hash."""
+    model = _model(pipe)
+    return model["title"], model["model_name"], model["hash"]
+
+
 @router.get("/sd-models", summary="The one engine dir this server runs")
 async def sd_models(request: Request):
     return [_model(state_of(request).pipe())]
@@ -219,7 +239,7 @@ async def set_options(request: Request, body: dict[str, Any]):
     state = state_of(request)
     model = _model(state.pipe())
     wanted = body.get("sd_model_checkpoint")
-    if wanted is not None and wanted not in (model["title"], model["model_name"], model["hash"]):
+    if wanted is not None and wanted not in model_names(state.pipe()):
         raise FieldError("sd_model_checkpoint", f"this server serves one engine dir, {model['title']}; "
                          f"it cannot switch to {wanted!r}")
     state.options.update({k: v for k, v in body.items() if k != "sd_model_checkpoint"})

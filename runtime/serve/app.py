@@ -21,6 +21,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..pipeline import Pipeline
@@ -32,6 +33,8 @@ from .metrics import Metrics
 log = logging.getLogger("sdrt.serve")
 
 OPEN_PATHS = ("/health", "/ready")  # probes answer without the API key
+DISCONNECT_POLL = 1.0  # seconds between checks that a waiting client is still there
+STOP_GRACE = 60.0  # seconds a timed-out request waits for its job to stop before answering anyway
 
 
 class ServerState:
@@ -50,18 +53,43 @@ class ServerState:
     def ready(self) -> bool:
         return self.pipeline is not None and self.queue.accepting and not self.draining
 
+    def drain(self) -> None:
+        """Shutdown has begun: not ready, no new jobs, the waiting ones cancelled; the running batch goes on."""
+        self.draining = True
+        self.metrics.ready.set(0)
+        self.queue.drain()
+
     def pipe(self) -> Pipeline:
         if self.pipeline is None:
             raise HTTPException(503, self.load_error or "the engine is still loading", headers={"Retry-After": "5"})
         return self.pipeline
 
-    async def wait(self, job, timeout: float):
-        """Wait for a job without blocking the loop; past `timeout` the job is cancelled."""
+    async def wait(self, job, timeout: float, request: Request | None = None):
+        """Wait for a job without blocking the loop. Past `timeout`, or when the client goes away, the job is
+        cancelled (it stops at its next step). Returns the job, finished unless it would not stop in time."""
+        future = asyncio.wrap_future(job.future)
+        deadline = time.monotonic() + timeout
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout)
-        except asyncio.TimeoutError:
-            self.queue.cancel(job.id, "timeout")
-            return await asyncio.wrap_future(job.future)
+            while not future.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.queue.cancel(job.id, "timeout")
+                    break
+                try:  # shielded: cancelling this wait must not cancel the job's future
+                    await asyncio.wait_for(asyncio.shield(future), min(left, DISCONNECT_POLL))
+                except asyncio.TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        self.queue.cancel(job.id, "cancelled")
+                        return job
+        except asyncio.CancelledError:  # the server or Ray gave up on this request: so does the job
+            self.queue.cancel(job.id, "cancelled")
+            raise
+        if not future.done():  # a step (or a decode) can take a while: give it one more
+            try:
+                await asyncio.wait_for(asyncio.shield(future), STOP_GRACE)
+            except asyncio.TimeoutError:
+                pass
+        return job
 
     def submit(self, specs, request: Request, timeout: float | None = None):
         try:
@@ -124,6 +152,56 @@ class BodyLimit:
         return await self.app(scope, limited, guarded_send)
 
 
+class Frame:
+    """Request id, API key, access log, metrics and X-Process-Time on every request. Plain ASGI (not FastAPI's
+    http middleware, whose wrapped receive hides a client's disconnect from the handlers)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics):
+        self.app = app
+        self.api_key = api_key
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        headers = Headers(scope=scope)
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id  # request.state.request_id
+        status = 500
+        started = False
+
+        async def framed(message: dict) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                out = MutableHeaders(scope=message)
+                out["X-Request-ID"] = request_id
+                out["X-Process-Time"] = f"{time.perf_counter() - start:.4f}"
+            await send(message)
+
+        try:
+            if self.api_key and scope["path"] not in OPEN_PATHS and not _authorized(
+                    headers.get("authorization"), headers.get("x-api-key"), self.api_key):
+                await _error(401, "Unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                             headers={"WWW-Authenticate": "Bearer"})(scope, receive, framed)
+            else:
+                await self.app(scope, receive, framed)
+        except Exception:  # noqa: BLE001 - a request can fail; the server stays up
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"],
+                          extra={"request_id": request_id})
+            if started:
+                raise
+            await _error(500, "InternalError", "internal server error; see the server log",
+                         request_id=request_id)(scope, receive, framed)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = scope.get("route")
+            self.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()
+            log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1000,
+                     extra={"request_id": request_id})
+
+
 def _error(status: int, kind: str, detail, headers: dict | None = None, **extra) -> JSONResponse:
     """A1111's error shape ({"error", "detail", "body", "errors"}), which its clients print."""
     message = detail if isinstance(detail, str) else str(detail)
@@ -147,8 +225,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, on_load_er
     async def lifespan(app: FastAPI):
         loader = asyncio.create_task(_load(state, pipeline, on_load_error))
         yield
-        state.draining = True
-        metrics.ready.set(0)
+        state.drain()
         await asyncio.to_thread(state.queue.stop, config.timeout)
         loader.cancel()
 
@@ -159,33 +236,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, on_load_er
     app.include_router(a1111.router)
     app.include_router(generations.router)
 
-    @app.middleware("http")
-    async def frame(request: Request, call_next):
-        """Request id, API key, access log, metrics and X-Process-Time on every request."""
-        start = time.perf_counter()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        request.state.request_id = request_id
-        path = request.url.path
-        if config.api_key and path not in OPEN_PATHS and not _authorized(
-                request.headers.get("authorization"), request.headers.get("x-api-key"), config.api_key):
-            response = _error(401, "Unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                              headers={"WWW-Authenticate": "Bearer"})
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:
-                log.exception("unhandled error on %s %s", request.method, path, extra={"request_id": request_id})
-                response = _error(500, "InternalError", "internal server error; see the server log",
-                                  request_id=request_id)
-        elapsed = time.perf_counter() - start
-        response.headers["X-Request-ID"] = request_id
-        response.headers["X-Process-Time"] = f"{elapsed:.4f}"
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        log.info("%s %s %d %.1f ms", request.method, path, response.status_code, elapsed * 1000,
-                 extra={"request_id": request_id})
-        return response
-
+    app.add_middleware(Frame, api_key=config.api_key, metrics=metrics)
     app.add_middleware(BodyLimit, limit=config.max_body)
 
     @app.exception_handler(RequestValidationError)
@@ -219,8 +270,14 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, on_load_er
     async def ready():
         if state.ready:
             return {"status": "ready", "engine": str(config.engine_dir), "backend": state.pipeline.backend.name}
-        reason = ("draining" if state.draining else state.load_error and f"engine failed to load: {state.load_error}"
-                  or "loading the engine")
+        if state.draining:
+            reason = "draining"
+        elif state.load_error:
+            reason = f"engine failed to load: {state.load_error}"
+        elif state.pipeline is not None and not state.queue.alive:
+            reason = "the worker thread has stopped"
+        else:
+            reason = "loading the engine"
         return JSONResponse({"status": "not ready", "reason": reason}, status_code=503,
                             headers={"Retry-After": "5"})
 
@@ -271,9 +328,13 @@ def job_error(job) -> HTTPException | None:
 
     if job.state == JobState.SUCCEEDED:
         return None
+    if not job.state.finished:  # timed out and still stopping
+        return HTTPException(504, f"job {job.id} timed out at step {job.step}/{job.steps}; it is being stopped")
     kind = job.error.kind if job.error else "internal"
-    status = {"invalid": 422, "timeout": 504, "cancelled": 409, "interrupted": 409}.get(kind, 500)
-    return HTTPException(status, f"job {job.id} {job.state.value}: {job.error.message if job.error else ''}")
+    status = {"invalid": 422, "timeout": 504, "cancelled": 409, "interrupted": 409, "shutdown": 503}.get(kind, 500)
+    headers = {"Retry-After": "5"} if status == 503 else None
+    return HTTPException(status, f"job {job.id} {job.state.value}: {job.error.message if job.error else ''}",
+                         headers=headers)
 
 
 def state_of(request: Request) -> ServerState:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,12 +65,12 @@ def serve_config(engine_dir: Path, *, backend: str = "auto", queue_size: int = 1
         raise UserError(f"sdrt serve needs {', '.join(missing)}: pip install 'sdrt[serve]'")
     if max_batch is None:
         max_batch = CPU_MAX_BATCH if on_cpu(backend) else GPU_MAX_BATCH
-    for flag, value, low in (("--queue-size", queue_size, 0), ("--max-batch", max_batch, 1),
+    for flag, value, low in (("--queue-size", queue_size, 1), ("--max-batch", max_batch, 1),
                              ("--max-images", max_images, 1), ("--max-steps", max_steps, 1)):
         if value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
     for flag, value in (("--batch-wait", batch_wait), ("--timeout", timeout), ("--max-body-mb", max_body_mb)):
-        if not value >= 0 or (flag != "--batch-wait" and value == 0):
+        if not (value >= 0 and math.isfinite(value)) or (flag != "--batch-wait" and value == 0):
             raise UserError(f"{flag} must be {'>= 0' if flag == '--batch-wait' else '> 0'}, got {value}")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key must not be empty")

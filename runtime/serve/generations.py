@@ -94,10 +94,10 @@ async def submit(request: Request, body: GenerationIn, wait: bool = Query(False,
     headers = {"Location": f"/v1/generations/{job.id}"}
     if not wait:
         return JSONResponse(_view(request, job, False), status_code=202, headers=headers)
-    await state.wait(job, timeout)
+    await state.wait(job, timeout, request)
     if (error := job_error(job)) is not None:
         raise error
-    return JSONResponse(_view(request, job, True), status_code=200, headers=headers)
+    return JSONResponse(await run_in_threadpool(_view, request, job, True), status_code=200, headers=headers)
 
 
 def _job(request: Request, job_id: str) -> Job:
@@ -109,7 +109,7 @@ def _job(request: Request, job_id: str) -> Job:
 
 @router.get("/{job_id}", summary="A job's state and progress; its images once done")
 async def status(request: Request, job_id: str, images: bool = Query(True, description="include base64 PNGs")):
-    return _view(request, _job(request, job_id), images)
+    return await run_in_threadpool(_view, request, _job(request, job_id), images)  # base64 off the loop
 
 
 @router.delete("/{job_id}", summary="Cancel a job (between denoising steps if it is running)")

@@ -80,20 +80,30 @@ def decode_image(field_name: str, value: str, limits: Limits) -> Image.Image:
             return im.convert("RGB")
     except FieldError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Exception as e:  # noqa: BLE001 - PIL's decoders raise many kinds on malformed files
         raise FieldError(field_name, f"not a readable image: {e}") from None
 
 
+def _check_text(s: Settings, key: str) -> None:
+    text = getattr(s, key)
+    if text is None:
+        return
+    if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
+        raise FieldError(s.name(key), f"must be a string of at most {MAX_PROMPT_CHARS} characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") is valid JSON but no text the tokenizer takes
+        raise FieldError(s.name(key), "is not valid Unicode text") from None
+
+
 def _check(s: Settings, limits: Limits) -> None:
-    if not isinstance(s.prompt, str) or len(s.prompt) > MAX_PROMPT_CHARS:
-        raise FieldError(s.name("prompt"), f"must be a string of at most {MAX_PROMPT_CHARS} characters")
-    if s.negative_prompt is not None and len(s.negative_prompt) > MAX_PROMPT_CHARS:
-        raise FieldError(s.name("negative_prompt"), f"must be at most {MAX_PROMPT_CHARS} characters")
+    _check_text(s, "prompt")
+    _check_text(s, "negative_prompt")
     if not 1 <= s.n <= limits.max_images:
         raise FieldError(s.name("n"), f"{s.n} images asked; this server makes 1 to {limits.max_images} per request")
     if s.steps is not None and not 1 <= s.steps <= limits.max_steps:
         raise FieldError(s.name("steps"), f"must be 1 to {limits.max_steps}, got {s.steps}")
-    if s.guidance_scale is not None and not 0.0 <= s.guidance_scale <= 100.0:
+    if s.guidance_scale is not None and not 0.0 <= s.guidance_scale <= 100.0:  # NaN fails too
         raise FieldError(s.name("guidance_scale"), f"must be 0 to 100, got {s.guidance_scale}")
     if s.guidance_rescale is not None and not 0.0 <= s.guidance_rescale <= 1.0:
         raise FieldError(s.name("guidance_rescale"), f"must be 0 to 1, got {s.guidance_rescale}")

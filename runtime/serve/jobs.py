@@ -7,7 +7,7 @@ batching, cancellation and deadlines. It knows nothing about HTTP.
 - One worker thread runs the Pipeline, so a blocking numpy loop never touches the event loop. It takes the
   oldest waiting image, then every waiting image whose `batch_key` matches (same size, steps, scheduler,
   guidance, strength), oldest first, up to `max_batch` images in one `Pipeline.run`. Each image keeps its own
-  random stream, so it equals what it would have been alone.
+  random stream, so it equals what it would have been alone (bit for bit on the CPU backend; see Pipeline.run).
 - Cancellation and deadlines are checked between denoising steps. A job that stops mid-batch is finished at
   once; its rows keep running only while another job still shares the batch.
 """
@@ -132,14 +132,15 @@ class JobQueue:
     """Owns the Pipeline once `start`ed; `submit` from any thread."""
 
     def __init__(self, pipeline: Pipeline | None, metrics: Metrics, max_queue: int = 16, max_batch: int = 4,
-                 batch_wait: float = 0.02, timeout: float = 600.0, keep: int = 256):
+                 batch_wait: float = 0.02, timeout: float = 600.0, keep: int = 256, keep_bytes: int = 512 << 20):
         self.pipeline = pipeline
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.batch_wait = batch_wait
         self.timeout = timeout
-        self.keep = keep
+        self.keep = keep  # finished jobs remembered for polling clients: at most this many ...
+        self.keep_bytes = keep_bytes  # ... holding at most this many bytes of PNGs
         self._lock = threading.Condition()
         self._waiting: list[Job] = []  # jobs with images not yet started, oldest first
         self._jobs: dict[str, Job] = {}
@@ -164,15 +165,25 @@ class JobQueue:
 
     @property
     def accepting(self) -> bool:
-        return self._accepting and not self._stop
+        return self._accepting and not self._stop and self.alive
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new jobs, cancel the waiting ones, let the running batch finish (up to `timeout`)."""
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def drain(self) -> None:
+        """Refuse new jobs and cancel the waiting ones (their requests answer 503); the running batch goes on."""
         with self._lock:
             self._accepting = False
-            self._stop = True
             for job in list(self._waiting):
-                self._finish(job, JobState.CANCELLED, JobError("cancelled", "the server is shutting down"))
+                self._finish(job, JobState.CANCELLED, JobError("shutdown", "the server is shutting down"))
+            self._lock.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain, then end the worker once the running batch is done (waiting up to `timeout`)."""
+        self.drain()
+        with self._lock:
+            self._stop = True
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -203,6 +214,12 @@ class JobQueue:
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
+    def forget(self, job: Job) -> None:
+        """Drop a finished job whose images have been delivered (A1111 answers carry them all at once)."""
+        with self._lock:
+            if job.state.finished:
+                self._jobs.pop(job.id, None)
+
     def cancel(self, job_id: str, reason: str = "cancelled") -> Job | None:
         """Cancel a job: at once if it is waiting, between denoising steps if it runs. None if unknown."""
         with self._lock:
@@ -214,6 +231,7 @@ class JobQueue:
                 job.pending.clear()
                 if job in self._waiting:
                     self._waiting.remove(job)
+                self._gauges()
             else:
                 self._finish(job, JobState.CANCELLED, JobError(reason, f"job {reason} before "
                                                                f"{'it started' if job.started is None else 'its next image'}"))
@@ -313,8 +331,14 @@ class JobQueue:
             batch = self._next_batch()
             if batch is None:
                 return
-            if batch.units:
+            try:
                 self._run(batch)
+            except Exception as e:  # noqa: BLE001 - a bug in one batch must not end the worker
+                log.exception("the worker failed a batch")
+                with self._lock:
+                    for job in batch.jobs():
+                        self._finish(job, JobState.FAILED, JobError("internal", f"{type(e).__name__}: {e}"))
+                self._batch_done(batch.jobs())
 
     def _run(self, batch: _Batch) -> None:
         start = time.perf_counter()
@@ -375,6 +399,9 @@ class JobQueue:
             for (job, i), images in zip(kept, pngs):
                 if job.state.finished:
                     continue
+                if job.stop_reason is not None:  # stopped after the last step (while decoding)
+                    self._stop_running(job)
+                    continue
                 job.pngs[i] = images[0]
                 job.images_done += 1
                 self.metrics.images.inc()
@@ -414,11 +441,22 @@ class JobQueue:
             self.metrics.errors.labels(error.kind).inc()
         if job.started is not None:
             self.metrics.stage_seconds.labels("job").observe(job.finished - job.started)
-        job.future.set_result(job)
+        if not job.future.done():  # a waiter's cancellation can cancel the future itself
+            job.future.set_result(job)
         self._gauges()
         log.info("job %s %s%s", job.id, state.value, f": {error.message}" if error else "",
                  extra={"request_id": job.request_id})
+        self._prune()
+
+    def _prune(self) -> None:
+        """Forget the oldest finished jobs past `keep` jobs or `keep_bytes` of PNGs."""
         finished = [j for j in self._jobs.values() if j.state.finished]
-        for old in finished[:max(0, len(finished) - self.keep)]:
+        held = sum(len(p) for j in finished for p in j.pngs if p)
+        count = len(finished)
+        for old in finished:
+            if count <= self.keep and held <= self.keep_bytes:
+                break
             del self._jobs[old.id]
+            held -= sum(len(p) for p in old.pngs if p)
+            count -= 1
 

@@ -1,7 +1,7 @@
 """Run the app under uvicorn: JSON log lines with the request id, one-line startup errors, graceful SIGTERM.
 
-On SIGTERM (or Ctrl-C) the server stops listening and reports not ready, lets the requests in progress and
-the running batch finish (up to --timeout), cancels the jobs still waiting, and exits 0.
+On SIGTERM (or Ctrl-C) the server reports not ready, cancels the jobs still waiting (their requests answer 503),
+stops listening, lets the running batch and the requests in progress finish (up to --timeout), and exits 0.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 7860, log_le
         def handle_exit(self, sig, frame):
             """Report not ready at once, then uvicorn's graceful shutdown. Unlike uvicorn, the signal is not
             raised again afterwards: a drained server exits 0."""
-            app.state.sdrt.draining = True
+            app.state.sdrt.drain()
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True  # a second Ctrl-C
             self.should_exit = True
