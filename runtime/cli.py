@@ -161,7 +161,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed; default: a random one, recorded in the PNG")
     p.add_argument("--height", type=int, default=None, help="image height in pixels; default: the model's native")
     p.add_argument("--width", type=int, default=None, help="image width in pixels; default: the model's native")
-    p.add_argument("--num-images", type=int, default=1, help="images to generate (numbered OUT-1.png, OUT-2.png, ...)")
+    p.add_argument("--num-images", type=int, default=1,
+                   help="images to generate (numbered OUT-1.png, OUT-2.png, ...), image i seeded SEED + i - 1")
     p.add_argument("--init-image", type=Path, default=None, metavar="PATH",
                    help="start from this image (image-to-image)")
     p.add_argument("--strength", type=float, default=0.8,

@@ -59,14 +59,16 @@ def generate(req: GenerateRequest) -> list[Path]:
 
     pipe = Pipeline.load(req.engine_dir, backend=req.backend)
     settings = asked.over(pipe.defaults)
-    result = pipe(req.prompt, req.negative_prompt or None, steps=settings.steps,
-                  guidance_scale=settings.guidance_scale, scheduler=settings.scheduler, seed=req.seed, height=h,
-                  width=w, num_images_per_prompt=req.num_images, image=init, strength=req.strength, progress=True,
-                  guidance_rescale=settings.guidance_rescale)
-    text = Infotext(req.prompt, req.negative_prompt, settings.steps, settings.scheduler, settings.guidance_scale,
-                    req.seed, w, h, Path(req.engine_dir).resolve().name, req.strength if init is not None else None,
-                    settings.guidance_rescale).text()
-    paths = output_paths(req.out, len(result))
-    for image, path in zip(result, paths):
-        images.save_png(image, path, text)
+    request = pipe.request(req.prompt, req.negative_prompt or None, steps=settings.steps,
+                           guidance_scale=settings.guidance_scale, scheduler=settings.scheduler, height=h, width=w,
+                           image=init, strength=req.strength, guidance_rescale=settings.guidance_rescale)
+    # Image i is seeded seed + i (A1111's all_seeds, as `sdrt serve` does): each PNG's parameters remake it alone.
+    seeds = [req.seed + i for i in range(req.num_images)]
+    results = pipe.run([pipe.prepare(request, seed, init) for seed in seeds], progress=True)
+    paths = output_paths(req.out, req.num_images)
+    for out, seed, path in zip(results, seeds, paths):
+        text = Infotext(req.prompt, req.negative_prompt, settings.steps, settings.scheduler, settings.guidance_scale,
+                        seed, w, h, Path(req.engine_dir).resolve().name, req.strength if init is not None else None,
+                        settings.guidance_rescale).text()
+        images.save_png(images.to_pil(out)[0], path, text)
     return paths

@@ -81,6 +81,13 @@ def test_generate_numbers_several_images_and_img2img(tiny_engine, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many-1.png", "many-2.png"]
     a, b = (np.asarray(Image.open(tmp_path / f"many-{i}.png")) for i in (1, 2))
     assert np.abs(a.astype(int) - b.astype(int)).max() > 0  # two different noises
+    # Image 2 is seeded seed + 1, says so, and remakes alone from it.
+    assert "Seed: 2," in Image.open(tmp_path / "many-2.png").text["parameters"]
+    r = run_sdrt("generate", str(tiny_engine), "a red circle", "--steps", "2", "--seed", "2", "-o",
+                 str(tmp_path / "alone.png"))
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "alone.png")), b)
+    (tmp_path / "alone.png").unlink()
     r = run_sdrt("generate", str(tiny_engine), "a red circle", "--steps", "4", "--seed", "1", "--init-image",
                  str(tmp_path / "many-1.png"), "--strength", "0.5", "-o", str(tmp_path / "i2i.png"))
     assert r.returncode == 0, r.stderr
