@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,13 @@ def run_sdrt(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpr
     """Run the `sdrt` CLI in a fresh interpreter, as a user would."""
     return subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (servers under test bind it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:

@@ -26,17 +26,12 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 webuiapi = pytest.importorskip("webuiapi", reason="webuiapi is not installed")
 
+from conftest import free_port
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.serve.config import Limits, ServeConfig
 
 LONG = Limits(max_steps=20_000)  # lets a test hold the worker for seconds
 READY_TIMEOUT = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(base: str, timeout: float = READY_TIMEOUT) -> None:

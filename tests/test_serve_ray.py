@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, run_sdrt
+from conftest import assert_one_line_error, free_port, run_sdrt
 
 pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install 'sdrt[ray]'")
 
@@ -27,12 +27,6 @@ START_TIMEOUT = 150  # seconds for a local Ray cluster to start and deploy two r
 STOP_TIMEOUT = 60
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "serving-ray.md"
 TXT2IMG = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 2, "seed": 1234}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

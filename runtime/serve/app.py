@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..manifest import package_versions
 from ..pipeline import Pipeline
 from .config import ServeConfig
 from .inputs import FieldError
@@ -229,7 +230,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, on_load_er
         await asyncio.to_thread(state.queue.stop, config.timeout)
         loader.cancel()
 
-    app = FastAPI(title="sdrt", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="sdrt", version=package_versions(["sdrt"], "0")["sdrt"], lifespan=lifespan,
                   description="Stable Diffusion from an sdrt engine dir: AUTOMATIC1111's /sdapi/v1 and sdrt's "
                   "jobs API (/v1/generations).")
     app.state.sdrt = state
@@ -311,15 +312,6 @@ async def _load(state: ServerState, pipeline: Pipeline | None, on_load_error) ->
 
 def _jsonable(errors: list[dict]) -> list[dict]:
     return json.loads(json.dumps(errors, default=str))
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("sdrt")
-    except PackageNotFoundError:
-        return "0"
 
 
 def job_error(job) -> HTTPException | None:
