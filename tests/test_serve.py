@@ -201,8 +201,11 @@ def test_progress_streams_as_server_sent_events(server):
                 events.append((kind, json.loads(line[len("data: "):])))
     kinds = [k for k, _ in events]
     assert kinds[-1] == "done" and events[-1][1]["state"] == "succeeded"
-    steps = [e["step"] for k, e in events if k == "progress" and e["state"] == "running"]
-    assert len(steps) >= 3 and steps == sorted(steps) and steps[-1] <= 800
+    running = [e for k, e in events if k == "progress" and e["state"] == "running"]
+    steps = [e["step"] for e in running]
+    # PNDM (the tiny model's default) makes N + 1 UNet calls: the total is the job's own `steps`.
+    assert len(steps) >= 3 and steps == sorted(steps) and all(e["step"] <= e["steps"] for e in running)
+    assert max(e["steps"] for e in running) == 801
 
 
 def test_cancel_mid_job_between_steps(server):
