@@ -337,10 +337,13 @@ def _run_doctor(args) -> int:
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve an engine dir over HTTP: AUTOMATIC1111's API and sdrt's jobs API",
-        description="Load ENGINE_DIR once and serve it: AUTOMATIC1111's /sdapi/v1 (txt2img, img2img, samplers, "
-        "options, progress, interrupt, png-info), sdrt's jobs API (/v1/generations: submit, progress, events, "
-        "cancel), /health, /ready, /metrics (Prometheus) and the OpenAPI schema (/openapi.json). One worker runs "
+        help="serve an engine dir over HTTP: a browser playground, AUTOMATIC1111's API, OpenAI's Images API and "
+        "sdrt's jobs API",
+        description="Load ENGINE_DIR once and serve it: a playground page at / (open it in a browser), "
+        "AUTOMATIC1111's /sdapi/v1 (txt2img, img2img, samplers, options, progress, interrupt, png-info), OpenAI's "
+        "Images API (/v1/images/generations, /v1/models), sdrt's jobs API (/v1/generations: submit, progress, "
+        "events, cancel), /health, /ready, /metrics (Prometheus), and the API reference at /docs (offline; the "
+        "schema at /openapi.json). One worker runs "
         "the engine; compatible queued requests share UNet calls. SIGTERM drains and exits. Needs "
         "pip install 'sdrt[serve]' (and 'sdrt[ray]' for --ray).",
         formatter_class=_Formatter,
@@ -369,6 +372,9 @@ def _add_serve(sub) -> None:
                    help="tensorrt backend: build the engines this GPU lacks before serving (minutes)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="JSON log lines on stderr at this level and above")
+    p.add_argument("--no-ui", action="store_true",
+                   help="no playground page at / (the APIs and /docs stay); with --api-key the page asks for the "
+                   "key as an HTTP Basic password")
     p.add_argument("--ray", action="store_true",
                    help="run as a Ray Serve deployment (see --replicas; docs/serving-ray.md)")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
@@ -398,7 +404,7 @@ def _run_serve(args) -> int:
                           max_batch=args.max_batch, batch_wait=args.batch_wait, timeout=args.timeout,
                           api_key=args.api_key or os.environ.get("SDRT_API_KEY") or None,
                           max_body_mb=args.max_body_mb, max_images=args.max_images, max_steps=args.max_steps,
-                          build=args.build)
+                          build=args.build, ui=not args.no_ui)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server handles it: drain, then exit 0
     if args.ray:
         from .serve.ray import run_ray

@@ -20,20 +20,26 @@ import uuid
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..manifest import package_versions
 from ..pipeline import Pipeline
 from .config import ServeConfig
-from .inputs import FieldError
+from .errors import KINDS, a1111_error, error_for, is_openai, openai_error
+from .inputs import FieldError, engine_info
 from .jobs import JobQueue, NotAccepting, QueueFull
 from .metrics import Metrics
 
 log = logging.getLogger("sdrt.serve")
 
 OPEN_PATHS = ("/health", "/ready")  # probes answer without the API key
+# OpenAI's response_format "url": capability URLs (an unguessable job id), fetched without the key, as OpenAI's are.
+OPEN_PREFIXES = ("/v1/images/files/",)
+# Pages a browser opens: their 401 asks for HTTP Basic (any user name, the key as password), so the browser
+# prompts once and then sends the key with every request the page makes.
+PAGE_PATHS = ("/", "/docs")
 DISCONNECT_POLL = 1.0  # seconds between checks that a waiting client is still there
 STOP_GRACE = 60.0  # seconds a timed-out request waits for its job to stop before answering anyway
 
@@ -92,9 +98,9 @@ class ServerState:
                 pass
         return job
 
-    def submit(self, specs, request: Request, timeout: float | None = None):
+    def submit(self, specs, request: Request, timeout: float | None = None, public: bool = False):
         try:
-            return self.queue.submit(specs, timeout, request.state.request_id)
+            return self.queue.submit(specs, timeout, request.state.request_id, public)
         except QueueFull as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         except NotAccepting as e:
@@ -128,8 +134,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            response = _error(413, "PayloadTooLarge", f"request body of {int(length)} bytes is over the "
-                              f"{self.limit}-byte limit")
+            response = error_for(scope["path"], 413, f"request body of {int(length)} bytes is over the "
+                                 f"{self.limit}-byte limit")
             return await response(scope, receive, send)
         seen, refused = 0, False
 
@@ -141,7 +147,7 @@ class BodyLimit:
             seen += len(message.get("body", b""))
             if seen > self.limit:  # answer 413 now; the app sees a client that went away
                 refused = True
-                await _error(413, "PayloadTooLarge", f"request body is over the {self.limit}-byte limit")(
+                await error_for(scope["path"], 413, f"request body is over the {self.limit}-byte limit")(
                     scope, receive, send)
                 return {"type": "http.disconnect"}
             return message
@@ -182,10 +188,13 @@ class Frame:
             await send(message)
 
         try:
-            if self.api_key and scope["path"] not in OPEN_PATHS and not _authorized(
+            path = scope["path"]
+            if self.api_key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES) and not _authorized(
                     headers.get("authorization"), headers.get("x-api-key"), self.api_key):
-                await _error(401, "Unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                             headers={"WWW-Authenticate": "Bearer"})(scope, receive, framed)
+                page = path in PAGE_PATHS or path.startswith("/ui/")
+                challenge = 'Basic realm="sdrt", charset="UTF-8"' if page else "Bearer"
+                await error_for(path, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": challenge})(scope, receive, framed)
             else:
                 await self.app(scope, receive, framed)
         except Exception:  # noqa: BLE001 - a request can fail; the server stays up
@@ -193,8 +202,8 @@ class Frame:
                           extra={"request_id": request_id})
             if started:
                 raise
-            await _error(500, "InternalError", "internal server error; see the server log",
-                         request_id=request_id)(scope, receive, framed)
+            await error_for(scope["path"], 500, "internal server error; see the server log", kind="InternalError",
+                            request_id=request_id)(scope, receive, framed)
         finally:
             elapsed = time.perf_counter() - start
             route = scope.get("route")
@@ -203,22 +212,10 @@ class Frame:
                      extra={"request_id": request_id})
 
 
-def _error(status: int, kind: str, detail, headers: dict | None = None, **extra) -> JSONResponse:
-    """A1111's error shape ({"error", "detail", "body", "errors"}), which its clients print."""
-    message = detail if isinstance(detail, str) else str(detail)
-    return JSONResponse({"error": kind, "detail": detail, "body": "", "errors": message, **extra},
-                        status_code=status, headers=headers)
-
-
-_KINDS = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed", 408: "Timeout",
-          409: "Conflict", 413: "PayloadTooLarge", 422: "ValidationError", 503: "ServiceUnavailable",
-          504: "GatewayTimeout"}
-
-
 def create_app(config: ServeConfig, pipeline: Pipeline | None = None, on_load_error=None) -> FastAPI:
     """The app for one engine dir. Give `pipeline` to serve one already loaded (tests); otherwise it loads
     in the background at startup, and `on_load_error(message)` is called if that fails."""
-    from . import a1111, generations
+    from . import a1111, generations, openai_api, ui
 
     metrics = Metrics()
     state = ServerState(config, metrics)
@@ -230,12 +227,19 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, on_load_er
         await asyncio.to_thread(state.queue.stop, config.timeout)
         loader.cancel()
 
+    # FastAPI's /docs and /redoc load their scripts from a CDN: a blank page offline. ui.py serves /docs itself.
     app = FastAPI(title="sdrt", version=package_versions(["sdrt"], "0")["sdrt"], lifespan=lifespan,
-                  description="Stable Diffusion from an sdrt engine dir: AUTOMATIC1111's /sdapi/v1 and sdrt's "
-                  "jobs API (/v1/generations).")
+                  docs_url=None, redoc_url=None,
+                  description="Stable Diffusion from an sdrt engine dir: AUTOMATIC1111's /sdapi/v1, OpenAI's "
+                  "Images API (/v1/images/generations), and sdrt's jobs API (/v1/generations).")
     app.state.sdrt = state
     app.include_router(a1111.router)
     app.include_router(generations.router)
+    app.include_router(openai_api.router)
+    app.include_router(openai_api.models)
+    app.include_router(ui.docs)
+    if config.ui:
+        app.include_router(ui.router)
 
     app.add_middleware(Frame, api_key=config.api_key, metrics=metrics)
     app.add_middleware(BodyLimit, limit=config.max_body)
@@ -246,22 +250,34 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, on_load_er
         bad_json = [e for e in errors if e.get("type") == "json_invalid"]
         if bad_json:
             ctx = bad_json[0].get("ctx", {})
-            return _error(400, "MalformedJSON", f"malformed JSON body: {ctx.get('error', 'cannot parse')}")
-        fields = ["/".join(str(p) for p in e["loc"] if p != "body") or "body" for e in errors]
+            return error_for(request.url.path, 400, f"malformed JSON body: {ctx.get('error', 'cannot parse')}",
+                             kind="MalformedJSON")
+        fields = ["/".join(str(p) for p in e["loc"] if p not in ("body", "query")) or "body" for e in errors]
         message = "; ".join(f"{f}: {e['msg']}" for f, e in zip(fields, errors))
+        if is_openai(request.url.path):
+            return openai_error(400, message, fields[0])
         return JSONResponse({"error": "ValidationError", "detail": _jsonable(errors), "body": "",
                              "errors": message, "message": message}, status_code=422)
 
     @app.exception_handler(FieldError)
     async def bad_field(request: Request, exc: FieldError):
+        if is_openai(request.url.path):
+            return openai_error(exc.status, str(exc), exc.field)
         detail = [{"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}]
         return JSONResponse({"error": "ValidationError", "detail": detail, "body": "", "errors": str(exc),
                              "message": str(exc)}, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's (404, 405)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, _KINDS.get(exc.status_code, "Error"), exc.detail,
-                      headers=getattr(exc, "headers", None))
+        if is_openai(request.url.path):
+            return openai_error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        return a1111_error(exc.status_code, KINDS.get(exc.status_code, "Error"), exc.detail,
+                           headers=getattr(exc, "headers", None))
+
+    @app.get("/v1/engine", tags=["operations"], summary="The served engine: model, sizes, defaults, samplers, "
+             "limits (what the playground's form offers)")
+    async def engine():
+        return engine_info(state.pipe(), config.limits)
 
     @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
     async def health():

@@ -39,6 +39,7 @@ class ServeConfig:
     max_body: int = 50 * 1024 * 1024
     limits: Limits = field(default_factory=Limits)
     build: bool = False  # let the tensorrt backend build missing engines at load
+    ui: bool = True  # the playground page at /
 
 
 def missing_modules(names=SERVE_MODULES) -> list[str]:
@@ -57,7 +58,7 @@ def on_cpu(backend: str) -> bool:
 def serve_config(engine_dir: Path, *, backend: str = "auto", queue_size: int = 16, max_batch: int | None = None,
                  batch_wait: float = 0.02, timeout: float = 600.0, api_key: str | None = None,
                  max_body_mb: float = 50.0, max_images: int = 8, max_steps: int = 150,
-                 build: bool = False, check_engine: bool = True) -> ServeConfig:
+                 build: bool = False, ui: bool = True, check_engine: bool = True) -> ServeConfig:
     """A ServeConfig from flag values, refusing bad ones, an engine dir that cannot be served here (unless
     `check_engine` is False: Ray may build the app on a node that serves nothing), and a missing `serve` extra,
     each in one line. `max_batch` None: CPU_MAX_BATCH where the backend runs on the CPU, else GPU_MAX_BATCH."""
@@ -82,4 +83,4 @@ def serve_config(engine_dir: Path, *, backend: str = "auto", queue_size: int = 1
         if backend != "auto" and (problem := unavailable(backend, None if build else engine_dir, manifest)):
             raise UserError(problem)
     return ServeConfig(Path(engine_dir), backend, queue_size, max_batch, batch_wait, timeout, api_key,
-                       int(max_body_mb * 1024 * 1024), Limits(max_images, max_steps), build)
+                       int(max_body_mb * 1024 * 1024), Limits(max_images, max_steps), build, ui)

@@ -20,11 +20,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import UserError
-from ..infotext import to_sdrt
 from ..schedulers import SCHEDULER_NAMES
 from .app import job_error, state_of
-from .inputs import FieldError, Settings, decode_image, image_specs
+from .inputs import Settings, decode_image, image_specs, scheduler_name
 from .jobs import Job, JobState
 
 router = APIRouter(prefix="/v1/generations", tags=["jobs"])
@@ -53,16 +51,6 @@ class GenerationIn(BaseModel):
     timeout: float | None = Field(None, gt=0, description="seconds, at most the server's --timeout")
 
 
-def _scheduler(name: str | None) -> str | None:
-    if name is None or name in SCHEDULER_NAMES:
-        return name
-    try:
-        return to_sdrt(name)
-    except UserError:
-        raise FieldError("scheduler", f"unknown scheduler '{name}' (sdrt names: {', '.join(SCHEDULER_NAMES)}; "
-                         "A1111 sampler names are accepted too)") from None
-
-
 def _view(request: Request, job: Job, images: bool) -> dict:
     state = state_of(request)
     out = state.queue.snapshot(job)
@@ -85,7 +73,7 @@ async def submit(request: Request, body: GenerationIn, wait: bool = Query(False,
     if body.init_image is not None:
         images = (await run_in_threadpool(decode_image, "init_image", body.init_image, state.config.limits),)
     settings = Settings(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
-                        guidance_scale=body.guidance_scale, scheduler=_scheduler(body.scheduler), seed=body.seed,
+                        guidance_scale=body.guidance_scale, scheduler=scheduler_name("scheduler", body.scheduler), seed=body.seed,
                         width=body.width, height=body.height, n=body.num_images, init_images=images,
                         strength=body.strength, guidance_rescale=body.guidance_rescale, names={"n": "num_images"})
     specs, _ = await run_in_threadpool(image_specs, pipe, settings, state.config.limits)

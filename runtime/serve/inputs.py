@@ -14,8 +14,10 @@ from io import BytesIO
 from PIL import Image
 
 from ..errors import UserError
-from ..infotext import Infotext
+from ..infotext import Infotext, from_sdrt, to_sdrt
+from ..manifest import UNET, VAE_ENCODER
 from ..pipeline import Pipeline
+from ..schedulers import SCHEDULER_NAMES
 from .config import Limits
 from .jobs import ImageSpec
 
@@ -84,6 +86,17 @@ def decode_image(field_name: str, value: str, limits: Limits) -> Image.Image:
         raise FieldError(field_name, f"not a readable image: {e}") from None
 
 
+def scheduler_name(field_name: str, name: str | None) -> str | None:
+    """An sdrt scheduler name from an sdrt or A1111 name (None: the engine's default)."""
+    if name is None or name in SCHEDULER_NAMES:
+        return name
+    try:
+        return to_sdrt(name)
+    except UserError:
+        raise FieldError(field_name, f"unknown {field_name} '{name}' (sdrt names: {', '.join(SCHEDULER_NAMES)}; "
+                         "A1111 sampler names are accepted too)") from None
+
+
 def _check_text(s: Settings, key: str) -> None:
     text = getattr(s, key)
     if text is None:
@@ -144,3 +157,27 @@ def image_specs(pipe: Pipeline, s: Settings, limits: Limits) -> tuple[list[Image
                         req.guidance_rescale)
         specs.append(ImageSpec(req, seed + i, image, info.text()))
     return specs, [seed + i for i in range(s.n)]
+
+
+def engine_info(pipe: Pipeline, limits: Limits) -> dict:
+    """What a client may ask of this engine: sizes, defaults, samplers, image-to-image, the server's limits."""
+    m = pipe.manifest
+    f = m.vae_scale_factor
+    axes = m.components[UNET].axes
+    h, w = axes["latent_height"], axes["latent_width"]
+    samplers = []
+    for name in SCHEDULER_NAMES:
+        sampler, schedule = from_sdrt(name)
+        samplers.append({"name": name, "a1111": sampler.name + ("" if schedule == "Uniform" else f" {schedule}")})
+    d = pipe.defaults
+    return {
+        "model": pipe.engine_dir.resolve().name, "family": m.family, "backend": pipe.backend.name,
+        "native": {"width": m.native_resolution[1], "height": m.native_resolution[0]},
+        "width": {"min": w.min * f, "max": w.max * f, "step": w.multiple_of * f},
+        "height": {"min": h.min * f, "max": h.max * f, "step": h.multiple_of * f},
+        "defaults": {"steps": d.steps, "guidance_scale": d.guidance_scale, "scheduler": d.scheduler,
+                     "guidance_rescale": d.guidance_rescale},
+        "samplers": samplers, "img2img": VAE_ENCODER in m.components,
+        "limits": {"max_images": limits.max_images, "max_steps": limits.max_steps,
+                   "max_image_pixels": limits.max_image_pixels},
+    }

@@ -83,6 +83,7 @@ class Job:
     specs: list[ImageSpec]
     timeout: float
     request_id: str = ""
+    public: bool = False  # its images may be fetched by id without the API key (OpenAI's "url" responses)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: JobState = JobState.QUEUED
     created: float = field(default_factory=time.time)
@@ -190,7 +191,8 @@ class JobQueue:
 
     # -- front-door API -----------------------------------------------------------------------------
 
-    def submit(self, specs: list[ImageSpec], timeout: float | None = None, request_id: str = "") -> Job:
+    def submit(self, specs: list[ImageSpec], timeout: float | None = None, request_id: str = "",
+               public: bool = False) -> Job:
         if not specs or any(spec.request.batch != 1 for spec in specs):
             raise ValueError("a job is one or more specs of one image each")
         timeout = self.timeout if timeout is None else min(timeout, self.timeout)
@@ -201,7 +203,7 @@ class JobQueue:
             if len(self._waiting) >= self.max_queue:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise QueueFull(len(self._waiting), self._retry_after())
-            job = Job(specs, timeout, request_id)
+            job = Job(specs, timeout, request_id, public)
             self._load.append(len(self._waiting) + len(self._running) + 1)
             self._jobs[job.id] = job
             self._waiting.append(job)
