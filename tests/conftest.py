@@ -5,6 +5,9 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+READY_TIMEOUT = 60  # seconds for a served engine to load
+
+
+def wait_ready(base: str, timeout: float = READY_TIMEOUT) -> None:
+    import requests
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if requests.get(f"{base}/ready", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{base} not ready after {timeout} s")
+
+
+@contextmanager
+def serving(config):
+    """`sdrt serve`'s app under uvicorn in a thread on a free loopback port; yields (base_url, app)."""
+    import uvicorn
+    from sdrt.runtime.serve.app import create_app
+
+    app = create_app(config)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base)
+        yield base, app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive(), "the server did not stop"
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:

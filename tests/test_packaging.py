@@ -72,6 +72,9 @@ def test_wheel_carries_the_demo_model_and_a_lean_base(tmp_path):
     shipped = {n.removeprefix("sdrt/demo/"): s for n, s in sizes.items() if n.startswith("sdrt/demo/")}
     assert shipped == _demo_files(REPO / "demo")
     assert not [n for n in sizes if n.split("/")[0] in ("tests", "training", "benchmarks", "demo")]
+    static = REPO / "runtime" / "serve" / "static"  # the playground page `sdrt serve` serves at /
+    assert {n for n in sizes if n.startswith("sdrt/runtime/serve/static/")} == \
+        {f"sdrt/runtime/serve/static/{p.name}" for p in static.iterdir()} != set()
     assert re.search(r"^sdrt = sdrt\.runtime\.cli:main$", entry_points, re.M)
     requires = re.findall(r"^Requires-Dist: (.+)$", metadata, re.M)
     base = {re.split(r"[ ;<>=!~\[(]", r)[0].lower() for r in requires if "extra ==" not in r}

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -26,46 +25,11 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 webuiapi = pytest.importorskip("webuiapi", reason="webuiapi is not installed")
 
-from conftest import free_port
+from conftest import free_port, serving, wait_ready
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.serve.config import Limits, ServeConfig
 
 LONG = Limits(max_steps=20_000)  # lets a test hold the worker for seconds
-READY_TIMEOUT = 60
-
-
-def wait_ready(base: str, timeout: float = READY_TIMEOUT) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if requests.get(f"{base}/ready", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{base} not ready after {timeout} s")
-
-
-@contextmanager
-def serving(config: ServeConfig):
-    """The app under uvicorn in a thread on a free loopback port; yields (base_url, app)."""
-    import uvicorn
-    from sdrt.runtime.serve.app import create_app
-
-    app = create_app(config)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base)
-        yield base, app
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive(), "the server did not stop"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,217 @@
+"""`sdrt serve`'s OpenAI Images API through the official `openai` client, unmodified; /v1/engine; the offline
+/docs page; `--no-ui`. The playground itself is driven in a real browser in test_serve_browser.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+openai = pytest.importorskip("openai", reason="the openai client is not installed")
+
+from conftest import serving
+from sdrt.runtime.manifest import UNET
+from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.schedulers import SCHEDULER_NAMES
+from sdrt.runtime.serve.config import Limits, ServeConfig
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_engine):
+    return Pipeline.load(tiny_engine, "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    with serving(ServeConfig(tiny_engine, backend="cpu", max_batch=4)) as (base, app):
+        yield base, app
+
+
+def client(base: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def decoded(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def counter(base: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_openai_client_images_equal_the_pipeline(server, pipe):
+    base, _ = server
+    images_before = counter(base, "sdrt_images_total")
+    r = client(base).images.generate(
+        prompt="a red circle", n=2, size="96x64", model=pipe.engine_dir.name,
+        extra_body={"seed": 7, "steps": 4, "sampler": "Euler a", "negative_prompt": "blurry", "guidance_scale": 5.0})
+    assert len(r.data) == 2 and r.size == "96x64"
+    for i, item in enumerate(r.data):  # image i is seeded seed + i and remakes alone
+        image = decoded(item.b64_json)
+        assert image.format == "PNG" and image.size == (96, 64)
+        alone = pipe("a red circle", "blurry", steps=4, guidance_scale=5.0, scheduler="euler-a", seed=7 + i,
+                     height=64, width=96)[0]
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(alone)), i
+        assert item.model_extra["seed"] == 7 + i
+        assert image.info["parameters"] == item.model_extra["infotext"]
+    assert counter(base, "sdrt_images_total") == images_before + 2  # the queue and metrics the others use
+    assert counter(base, "sdrt_http_requests_total", route="/v1/images/generations", status="200") >= 1
+
+
+def test_defaults_native_size_and_ignored_openai_options(server, pipe):
+    base, _ = server
+    r = client(base).images.generate(prompt="a blue square", size="auto", quality="hd", style="vivid", user="u1",
+                                     extra_body={"seed": 3, "steps": 2})
+    h, w = pipe.manifest.native_resolution
+    assert [decoded(d.b64_json).size for d in r.data] == [(w, h)]
+    default = client(base).images.generate(prompt="a blue square", extra_body={"seed": 3, "steps": 2})
+    assert default.data[0].b64_json == r.data[0].b64_json  # quality/style/user change nothing
+
+
+def test_url_response_serves_the_image_from_the_app(server):
+    base, _ = server
+    c = client(base)
+    by_url = c.images.generate(prompt="a red circle", response_format="url", extra_body={"seed": 4, "steps": 3})
+    inline = c.images.generate(prompt="a red circle", extra_body={"seed": 4, "steps": 3})
+    url = by_url.data[0].url
+    assert url.startswith(f"{base}/v1/images/files/") and url.endswith("/0.png")
+    got = requests.get(url, timeout=10)
+    assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(got.content))), np.asarray(decoded(inline.data[0].b64_json)))
+    assert requests.get(url.replace("/0.png", "/1.png"), timeout=10).status_code == 404
+    # A job from another front door is not reachable through the key-less files route.
+    job = requests.post(f"{base}/v1/generations?wait=true", json={"prompt": "x", "steps": 2}, timeout=60).json()
+    assert requests.get(f"{base}/v1/images/files/{job['id']}/0.png", timeout=10).status_code == 404
+
+
+def test_models_list_and_retrieve(server, pipe):
+    base, _ = server
+    c = client(base)
+    listed = c.models.list().data
+    assert [m.id for m in listed] == [pipe.engine_dir.name] and listed[0].owned_by == "sdrt"
+    assert c.models.retrieve(pipe.engine_dir.name).id == pipe.engine_dir.name
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("dall-e-3")
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"size": "100x64"}, "size"),  # not a multiple of 8
+    ({"size": "4096x4096"}, "size"),  # beyond the engine's limits
+    ({"size": "big"}, "size"),
+    ({"model": "dall-e-3"}, "model"),
+    ({"n": 0}, "n"),
+    ({"n": 99}, "n"),
+    ({"response_format": "xml"}, "response_format"),
+    ({"output_format": "webp"}, "output_format"),
+    ({"extra_body": {"sampler": "nope"}}, "sampler"),
+    ({"extra_body": {"steps": 0}}, "steps"),
+    ({"extra_body": {"seed": "abc"}}, "seed"),
+    ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
+])
+def test_bad_requests_raise_the_clients_error_naming_the_field(server, kwargs, param):
+    base, _ = server
+    with pytest.raises(openai.BadRequestError) as raised:
+        client(base).images.generate(prompt="x", **kwargs)
+    error = raised.value.body  # OpenAI's shape: {"error": {message, type, param, code}} (the client unwraps it)
+    assert raised.value.status_code == 400
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert error["message"]
+
+
+def test_openai_errors_keep_openai_shape_outside_the_handlers(server):
+    base, _ = server
+    bad_json = requests.post(f"{base}/v1/images/generations", data=b"{not json", timeout=10,
+                             headers={"Content-Type": "application/json"})
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "invalid_request_error"
+    streamed = requests.post(f"{base}/v1/images/generations", json={"prompt": "x", "stream": True}, timeout=10)
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
+    # The A1111 routes keep A1111's shape.
+    a1111 = requests.post(f"{base}/sdapi/v1/txt2img", json={"prompt": "x", "width": 100}, timeout=10)
+    assert a1111.status_code == 422 and isinstance(a1111.json()["error"], str)
+
+
+def test_api_key(tiny_engine):
+    with serving(ServeConfig(tiny_engine, backend="cpu", api_key=KEY)) as (base, _):
+        r = client(base, KEY).images.generate(prompt="x", response_format="url", extra_body={"steps": 2})
+        with pytest.raises(openai.AuthenticationError) as raised:
+            client(base, "wrong").images.generate(prompt="x", extra_body={"steps": 2})
+        assert raised.value.body["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(base, "wrong").models.list()
+        # A "url" image is a capability URL, as OpenAI's are: no key needed. The jobs API still wants the key.
+        url = r.data[0].url
+        assert requests.get(url, timeout=10).status_code == 200
+        job_id = re.search(r"/files/([0-9a-f]+)/", url).group(1)
+        assert requests.get(f"{base}/v1/generations/{job_id}/images/0", timeout=10).status_code == 401
+        # Pages ask a browser for Basic credentials; API routes say Bearer.
+        assert requests.get(f"{base}/", timeout=10).headers["www-authenticate"].startswith("Basic")
+        assert requests.get(f"{base}/docs", timeout=10).headers["www-authenticate"].startswith("Basic")
+        assert requests.get(f"{base}/v1/engine", timeout=10).headers["www-authenticate"] == "Bearer"
+        assert requests.get(f"{base}/", auth=("anyone", KEY), timeout=10).status_code == 200
+
+
+def test_engine_info_describes_what_a_client_may_ask(server, pipe):
+    base, _ = server
+    info = requests.get(f"{base}/v1/engine", timeout=10).json()
+    m = pipe.manifest
+    f, axes = m.vae_scale_factor, m.components[UNET].axes
+    assert info["model"] == pipe.engine_dir.name and info["family"] == m.family
+    assert info["width"] == {"min": axes["latent_width"].min * f, "max": axes["latent_width"].max * f,
+                             "step": axes["latent_width"].multiple_of * f}
+    assert (info["native"]["height"], info["native"]["width"]) == tuple(m.native_resolution)
+    assert [s["name"] for s in info["samplers"]] == list(SCHEDULER_NAMES)
+    assert {"name": "euler-a", "a1111": "Euler a"} in info["samplers"]
+    assert {"name": "dpmpp-2m-karras", "a1111": "DPM++ 2M Karras"} in info["samplers"]
+    assert info["defaults"]["steps"] == pipe.defaults.steps and info["img2img"] is True
+    assert info["limits"]["max_images"] == Limits().max_images
+    for axis in ("width", "height"):  # every size the form offers is one the engine takes
+        for px in range(info[axis]["min"], info[axis]["max"] + 1, info[axis]["step"]):
+            pipe.request("x", **{axis: px})
+
+
+def test_docs_render_offline_and_list_every_operation(server):
+    base, _ = server
+    page = requests.get(f"{base}/docs", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), "the page must load nothing from afar"
+    schema = requests.get(f"{base}/openapi.json", timeout=10).json()
+    for path, item in schema["paths"].items():
+        assert f"<code>{path}</code>" in html, path
+        for op in item.values():
+            assert op["summary"].replace("'", "&#x27;") in html
+    assert "response_format" in html and "negative_prompt" in html  # body fields are listed
+    redirect = requests.get(f"{base}/redoc", timeout=10, allow_redirects=False)
+    assert redirect.status_code in (302, 307) and redirect.headers["location"] == "/docs"
+
+
+def test_playground_is_served_and_no_ui_turns_it_off(server, tiny_engine):
+    base, _ = server
+    page = requests.get(f"{base}/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for asset in re.findall(r'(?:src|href)="(/ui/[^"]+)"', page.text):
+        got = requests.get(f"{base}{asset}", timeout=10)
+        assert got.status_code == 200 and len(got.content) > 500, asset
+    assert requests.get(f"{base}/ui/../app.py", timeout=10).status_code == 404
+    assert requests.get(f"{base}/ui/index.html", timeout=10).status_code == 404
+    with serving(ServeConfig(tiny_engine, backend="cpu", ui=False)) as (off, _):
+        assert requests.get(f"{off}/", timeout=10).status_code == 404
+        assert requests.get(f"{off}/ui/playground.js", timeout=10).status_code == 404
+        assert requests.get(f"{off}/docs", timeout=10).status_code == 200  # the API reference stays
+        assert client(off).models.list().data
