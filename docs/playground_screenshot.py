@@ -21,8 +21,18 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 
 
+def until(page, expression: str, timeout: float = 120.0) -> None:
+    """Poll a JavaScript expression (Playwright's wait_for_function uses eval, which the page's CSP forbids)."""
+    end = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > end:
+            raise TimeoutError(expression)
+        time.sleep(0.05)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("engine_dir", type=Path, help="engine dir to serve")
     p.add_argument("out", type=Path, help="PNG to write")
     p.add_argument("--prompt", default="a yellow star", help="prompt typed into the form")
@@ -37,7 +47,8 @@ def main() -> None:
         port = s.getsockname()[1]
     app = create_app(ServeConfig(args.engine_dir, backend="cpu"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
     base = f"http://127.0.0.1:{port}"
     while not (server.started and app.state.sdrt.ready):
         time.sleep(0.1)
@@ -46,18 +57,18 @@ def main() -> None:
         browser = pw.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": width, "height": height})
         page.goto(f"{base}/")
-        page.wait_for_function("!document.getElementById('generate').disabled")
+        until(page, "!document.getElementById('generate').disabled")
         page.fill("#prompt", args.prompt)
         page.fill("#seed", str(args.seed))
         page.fill("#num_images", str(args.images))
         page.click("#generate")
-        page.wait_for_function(f"document.querySelectorAll('#images img').length == {args.images} && "
-                               "[...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth)",
-                               timeout=120_000)
+        until(page, f"document.querySelectorAll('#images img').length == {args.images} && "
+              "[...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth)")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(args.out))
         browser.close()
     server.should_exit = True
+    thread.join(30)
     print(f"wrote {args.out}")
 
 

@@ -373,8 +373,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="JSON log lines on stderr at this level and above")
     p.add_argument("--no-ui", action="store_true",
-                   help="no playground page at / (the APIs and /docs stay); with --api-key the page asks for the "
-                   "key as an HTTP Basic password")
+                   help="serve no playground page at / (the APIs and the /docs reference stay)")
     p.add_argument("--ray", action="store_true",
                    help="run as a Ray Serve deployment (see --replicas; docs/serving-ray.md)")
     p.add_argument("--replicas", type=int, default=1, metavar="N",

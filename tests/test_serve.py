@@ -559,3 +559,18 @@ def test_the_server_imports_no_heavy_packages(tiny_engine):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
+def test_uploaded_images_are_turned_upright_by_their_exif_orientation():
+    from sdrt.runtime.serve.inputs import decode_image
+
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 10, 20))  # blue on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": how phones store portrait photos
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif, quality=95)
+    upright = decode_image("init_image", base64.b64encode(buf.getvalue()).decode(), Limits())
+    assert upright.size == (20, 40)
+    top = np.asarray(upright)[2, 10]
+    assert top[2] > 200 and top[0] < 60  # the left edge is now the top

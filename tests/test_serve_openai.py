@@ -36,6 +36,12 @@ def server(tiny_engine):
         yield base, app
 
 
+@pytest.fixture(scope="module")
+def keyed(tiny_engine):
+    with serving(ServeConfig(tiny_engine, backend="cpu", api_key=KEY)) as (base, app):
+        yield base
+
+
 def client(base: str, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60)
 
@@ -45,14 +51,12 @@ def decoded(b64: str) -> Image.Image:
 
 
 def counter(base: str, name: str, **labels) -> float:
+    """The sum of a metric's samples that carry `labels`."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = requests.get(f"{base}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 def test_openai_client_images_equal_the_pipeline(server, pipe):
@@ -82,6 +86,42 @@ def test_defaults_native_size_and_ignored_openai_options(server, pipe):
     assert [decoded(d.b64_json).size for d in r.data] == [(w, h)]
     default = client(base).images.generate(prompt="a blue square", extra_body={"seed": 3, "steps": 2})
     assert default.data[0].b64_json == r.data[0].b64_json  # quality/style/user change nothing
+
+
+def test_fields_apps_pass_along_are_accepted(server):
+    base, _ = server
+    c = client(base)
+    plain = c.images.generate(prompt="a green star", extra_body={"seed": 2, "steps": 2})
+    passed = c.images.generate(prompt="a green star", safety_identifier="hash-of-a-user", moderation="auto",
+                               output_compression=80, partial_images=0, quality="auto", background="auto",
+                               output_format="png", response_format=None, n=None,
+                               extra_body={"seed": 2, "steps": 2, "complexity": "low", "frame_count": 1})
+    assert passed.data[0].b64_json == plain.data[0].b64_json
+
+
+def test_a_failed_job_is_not_run_again_by_the_clients_retries(tiny_engine):
+    """The client retries 409 and 5xx twice by default; a timed-out job must not be silently resubmitted."""
+    with serving(ServeConfig(tiny_engine, backend="cpu", timeout=1.0, limits=Limits(max_steps=20_000))) as (base, _):
+        retrying = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=2, timeout=60)
+        with pytest.raises(openai.APIStatusError) as raised:
+            retrying.images.generate(prompt="slow", extra_body={"steps": 20_000})
+        assert raised.value.status_code == 504 and raised.value.response.headers["x-should-retry"] == "false"
+        assert raised.value.body["type"] == "server_error"
+        assert counter(base, "sdrt_http_requests_total", route="/v1/images/generations") == 1
+        assert counter(base, "sdrt_jobs_total") == 1
+
+
+def test_openai_error_shape_on_every_route_and_status(tiny_engine):
+    with serving(ServeConfig(tiny_engine, backend="cpu", max_body=4096)) as (base, _):
+        for method, path, kwargs, status in (
+                ("GET", "/v1/images/nothing", {}, 404),
+                ("GET", "/v1/images/generations", {}, 405),
+                ("POST", "/v1/images/generations", {"json": {"prompt": "x" * 8000}}, 413),
+                ("POST", "/v1/images/generations", {"json": {"prompt": "x", "n": "two"}}, 400)):
+            r = requests.request(method, f"{base}{path}", timeout=10, **kwargs)
+            error = r.json()["error"]
+            assert r.status_code == status and isinstance(error, dict) and error["message"], (path, r.text)
+            assert error["type"] == "invalid_request_error"
 
 
 def test_url_response_serves_the_image_from_the_app(server):
@@ -123,11 +163,16 @@ def test_models_list_and_retrieve(server, pipe):
     ({"extra_body": {"steps": 0}}, "steps"),
     ({"extra_body": {"seed": "abc"}}, "seed"),
     ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
+    ({"prompt": "  "}, "prompt"),
+    ({"partial_images": 2}, "partial_images"),
+    ({"extra_body": {"frame_count": 3}}, "frame_count"),
+    ({"extra_body": {"svg": {"model": "x"}}}, "svg"),
+    ({"background": "transparent"}, "background"),
 ])
 def test_bad_requests_raise_the_clients_error_naming_the_field(server, kwargs, param):
     base, _ = server
     with pytest.raises(openai.BadRequestError) as raised:
-        client(base).images.generate(prompt="x", **kwargs)
+        client(base).images.generate(**{"prompt": "x", **kwargs})
     error = raised.value.body  # OpenAI's shape: {"error": {message, type, param, code}} (the client unwraps it)
     assert raised.value.status_code == 400
     assert error["type"] == "invalid_request_error" and error["param"] == param, error
@@ -146,24 +191,59 @@ def test_openai_errors_keep_openai_shape_outside_the_handlers(server):
     assert a1111.status_code == 422 and isinstance(a1111.json()["error"], str)
 
 
-def test_api_key(tiny_engine):
-    with serving(ServeConfig(tiny_engine, backend="cpu", api_key=KEY)) as (base, _):
-        r = client(base, KEY).images.generate(prompt="x", response_format="url", extra_body={"steps": 2})
-        with pytest.raises(openai.AuthenticationError) as raised:
-            client(base, "wrong").images.generate(prompt="x", extra_body={"steps": 2})
-        assert raised.value.body["code"] == "invalid_api_key"
-        with pytest.raises(openai.AuthenticationError):
-            client(base, "wrong").models.list()
-        # A "url" image is a capability URL, as OpenAI's are: no key needed. The jobs API still wants the key.
-        url = r.data[0].url
-        assert requests.get(url, timeout=10).status_code == 200
-        job_id = re.search(r"/files/([0-9a-f]+)/", url).group(1)
-        assert requests.get(f"{base}/v1/generations/{job_id}/images/0", timeout=10).status_code == 401
-        # Pages ask a browser for Basic credentials; API routes say Bearer.
-        assert requests.get(f"{base}/", timeout=10).headers["www-authenticate"].startswith("Basic")
-        assert requests.get(f"{base}/docs", timeout=10).headers["www-authenticate"].startswith("Basic")
-        assert requests.get(f"{base}/v1/engine", timeout=10).headers["www-authenticate"] == "Bearer"
-        assert requests.get(f"{base}/", auth=("anyone", KEY), timeout=10).status_code == 200
+def test_api_key(keyed):
+    base = keyed
+    r = client(base, KEY).images.generate(prompt="x", response_format="url", extra_body={"steps": 2})
+    with pytest.raises(openai.AuthenticationError) as raised:
+        client(base, "wrong").images.generate(prompt="x", extra_body={"steps": 2})
+    assert raised.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        client(base, "wrong").models.list()
+    # A "url" image is a capability URL, as OpenAI's are: no key needed. The jobs API still wants the key.
+    url = r.data[0].url
+    assert requests.get(url, timeout=10).status_code == 200
+    job_id = re.search(r"/files/([0-9a-f]+)/", url).group(1)
+    assert requests.get(f"{base}/v1/generations/{job_id}/images/0", timeout=10).status_code == 401
+    # Pages ask a browser for Basic credentials; API routes say Bearer.
+    assert requests.get(f"{base}/", timeout=10).headers["www-authenticate"].startswith("Basic")
+    assert requests.get(f"{base}/docs", timeout=10).headers["www-authenticate"].startswith("Basic")
+    assert requests.get(f"{base}/v1/engine", timeout=10).headers["www-authenticate"] == "Bearer"
+    assert requests.get(f"{base}/", auth=("anyone", KEY), timeout=10).status_code == 200
+    assert requests.get(f"{base}/redoc", timeout=10).headers["www-authenticate"].startswith("Basic")
+
+
+@pytest.mark.parametrize("headers, allowed", [
+    ({"Origin": "http://evil.example"}, False),
+    ({"Origin": "null"}, False),
+    ({"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"}, False),
+    ({"Sec-Fetch-Site": "same-site"}, False),  # another port of the same host is another origin
+    ({"Sec-Fetch-Site": "same-origin"}, True),
+    ({"Sec-Fetch-Site": "none"}, True),  # typed into the address bar
+    ({}, True),  # not a browser
+    ({"Origin": "ORIGIN"}, True),  # the playground itself, without Sec-Fetch-* (plain http to another host)
+    ({"Origin": "https://public.example", "X-Forwarded-Host": "public.example"}, True),  # behind a proxy
+])
+def test_cross_site_requests_from_a_browser_are_refused(keyed, headers, allowed):
+    """A browser sends the playground's remembered key (and reaches a key-less server on localhost) from any
+    site's page; a form or a body-less POST needs no CORS preflight. State-changing requests from other sites
+    are refused; reading stays open to what the key allows."""
+    base = keyed
+    headers = {k: v.replace("ORIGIN", base) for k, v in headers.items()}
+    auth = ("me", KEY)
+    for method, path in (("POST", "/sdapi/v1/interrupt"), ("POST", "/v1/images/generations"),
+                         ("DELETE", "/v1/generations/nope")):
+        r = requests.request(method, f"{base}{path}", headers=headers, auth=auth, timeout=60,
+                             json={"prompt": "x", "steps": 2} if "images" in path else None)
+        assert (r.status_code != 403) == allowed, (method, path, r.status_code, r.text)
+    assert requests.get(f"{base}/v1/engine", headers=headers, auth=auth, timeout=10).status_code == 200
+
+
+def test_pages_may_not_be_framed_and_load_only_their_own_files(server):
+    base, _ = server
+    for path in ("/", "/docs"):
+        headers = requests.get(f"{base}{path}", timeout=10).headers
+        assert headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert "http" not in headers["content-security-policy"]
 
 
 def test_engine_info_describes_what_a_client_may_ask(server, pipe):
@@ -201,6 +281,28 @@ def test_docs_render_offline_and_list_every_operation(server):
     assert redirect.status_code in (302, 307) and redirect.headers["location"] == "/docs"
 
 
+def test_docs_renderer_takes_every_openapi_construct():
+    from sdrt.runtime.serve.ui import render_reference
+
+    schema = {"info": {"title": "t"}, "paths": {"/a/{id}": {
+        "parameters": [{"$ref": "#/components/parameters/Id"}],
+        "summary": "path-level keys are not operations",
+        "post": {"summary": "make", "parameters": [{"name": "mode", "in": "query",
+                                                     "schema": {"enum": ["fast", "slow"]}}],
+                 "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/B"}}}},
+                 "responses": {"200": {"description": "ok"}}}}},
+        "components": {"parameters": {"Id": {"name": "id", "in": "path", "required": True,
+                                             "schema": {"type": "string"}}},
+                       "schemas": {"B": {"properties": {"x": {"allOf": [{"$ref": "#/components/schemas/C"}]},
+                                                        "y": {"oneOf": [{"type": "integer"}, {"type": "null"}]},
+                                                        "z": {"type": ["string", "null"]}}}, "C": {}}}}
+    html = render_reference(schema, playground=False)
+    assert html.count("section class=op") == 1
+    for text in ("<code>id</code>", "<code>mode</code>", "&#x27;fast&#x27; | &#x27;slow&#x27;", "<td>C</td>",
+                 "integer | null", "string | null"):
+        assert text in html, text
+
+
 def test_playground_is_served_and_no_ui_turns_it_off(server, tiny_engine):
     base, _ = server
     page = requests.get(f"{base}/", timeout=10)
@@ -213,5 +315,6 @@ def test_playground_is_served_and_no_ui_turns_it_off(server, tiny_engine):
     with serving(ServeConfig(tiny_engine, backend="cpu", ui=False)) as (off, _):
         assert requests.get(f"{off}/", timeout=10).status_code == 404
         assert requests.get(f"{off}/ui/playground.js", timeout=10).status_code == 404
-        assert requests.get(f"{off}/docs", timeout=10).status_code == 200  # the API reference stays
+        docs = requests.get(f"{off}/docs", timeout=10)
+        assert docs.status_code == 200 and "href=/>" not in docs.text  # the API reference stays, unlinked
         assert client(off).models.list().data

@@ -39,7 +39,8 @@ OPEN_PATHS = ("/health", "/ready")  # probes answer without the API key
 OPEN_PREFIXES = ("/v1/images/files/",)
 # Pages a browser opens: their 401 asks for HTTP Basic (any user name, the key as password), so the browser
 # prompts once and then sends the key with every request the page makes.
-PAGE_PATHS = ("/", "/docs")
+PAGE_PATHS = ("/", "/docs", "/redoc")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 DISCONNECT_POLL = 1.0  # seconds between checks that a waiting client is still there
 STOP_GRACE = 60.0  # seconds a timed-out request waits for its job to stop before answering anyway
 
@@ -105,6 +106,24 @@ class ServerState:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         except NotAccepting as e:
             raise HTTPException(503, str(e), headers={"Retry-After": "5"}) from None
+
+
+def cross_site(method: str, headers: Headers) -> bool:
+    """A state-changing request that a browser sent from another site's page. A browser attaches the playground's
+    Basic credentials (and reaches a key-less server on localhost) from any page, and a form or a body-less
+    POST needs no CORS preflight; so such requests are refused. `Sec-Fetch-Site` is the browser's own verdict
+    (sent to https and localhost); elsewhere `Origin` must name this server, directly or through a proxy's
+    X-Forwarded-Host. Clients that are not browsers send neither header."""
+    if method in SAFE_METHODS:
+        return False
+    fetch_site = headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site in ("cross-site", "same-site")
+    origin = headers.get("origin")
+    if origin is None:
+        return False
+    host = origin.partition("://")[2]
+    return host not in (headers.get("host"), headers.get("x-forwarded-host"))
 
 
 def _authorized(header: str | None, x_api_key: str | None, key: str) -> bool:
@@ -189,7 +208,10 @@ class Frame:
 
         try:
             path = scope["path"]
-            if self.api_key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES) and not _authorized(
+            if cross_site(scope["method"], headers):
+                await error_for(path, 403, f"cross-site {scope['method']} refused: the request came from another "
+                                "site's page")(scope, receive, framed)
+            elif self.api_key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES) and not _authorized(
                     headers.get("authorization"), headers.get("x-api-key"), self.api_key):
                 page = path in PAGE_PATHS or path.startswith("/ui/")
                 challenge = 'Basic realm="sdrt", charset="UTF-8"' if page else "Bearer"

@@ -13,11 +13,14 @@ from fastapi.responses import JSONResponse
 
 OPENAI_PREFIXES = ("/v1/images", "/v1/models")
 
-KINDS = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed", 408: "Timeout",
-         409: "Conflict", 413: "PayloadTooLarge", 422: "ValidationError", 503: "ServiceUnavailable",
+KINDS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed",
+         408: "Timeout", 409: "Conflict", 413: "PayloadTooLarge", 422: "ValidationError", 503: "ServiceUnavailable",
          504: "GatewayTimeout"}
-_OPENAI_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 409: "cancelled",
-                 413: "payload_too_large", 503: "unavailable", 504: "timeout"}
+# The openai client retries 409 and every 5xx (twice, by default) unless the answer says not to: a job that was
+# interrupted, timed out or failed must not silently run again. 503 (queue full, still loading) stays retryable.
+NO_RETRY = (409, 500, 504)
+_OPENAI_CODES = {401: "invalid_api_key", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                 409: "cancelled", 413: "payload_too_large", 503: "unavailable", 504: "timeout"}
 
 
 def is_openai(path: str) -> bool:
@@ -38,6 +41,8 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
     if status == 422:
         status = 400
     kind = "invalid_request_error" if status < 500 else "server_error"
+    if status in NO_RETRY:
+        headers = {**(headers or {}), "x-should-retry": "false"}
     return JSONResponse({"error": {"message": message, "type": kind, "param": param,
                                    "code": code or _OPENAI_CODES.get(status)}},
                         status_code=status, headers=headers)

@@ -73,8 +73,8 @@ async def submit(request: Request, body: GenerationIn, wait: bool = Query(False,
     if body.init_image is not None:
         images = (await run_in_threadpool(decode_image, "init_image", body.init_image, state.config.limits),)
     settings = Settings(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
-                        guidance_scale=body.guidance_scale, scheduler=scheduler_name("scheduler", body.scheduler), seed=body.seed,
-                        width=body.width, height=body.height, n=body.num_images, init_images=images,
+                        guidance_scale=body.guidance_scale, scheduler=scheduler_name("scheduler", body.scheduler),
+                        seed=body.seed, width=body.width, height=body.height, n=body.num_images, init_images=images,
                         strength=body.strength, guidance_rescale=body.guidance_rescale, names={"n": "num_images"})
     specs, _ = await run_in_threadpool(image_specs, pipe, settings, state.config.limits)
     timeout = min(body.timeout or state.config.timeout, state.config.timeout)

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 from io import BytesIO
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import UserError
 from ..infotext import Infotext, from_sdrt, to_sdrt
@@ -79,7 +79,7 @@ def decode_image(field_name: str, value: str, limits: Limits) -> Image.Image:
             if im.width * im.height > limits.max_image_pixels:
                 raise FieldError(field_name, f"image is {im.width}x{im.height}, larger than the "
                                  f"{limits.max_image_pixels} pixels this server accepts")
-            return im.convert("RGB")
+            return ImageOps.exif_transpose(im).convert("RGB")  # a phone photo the way up it was taken
     except FieldError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL's decoders raise many kinds on malformed files

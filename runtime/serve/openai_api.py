@@ -15,9 +15,13 @@ engine dir's defaults, as `sdrt generate` does; `size` left out or "auto" is the
 
 Differences, on purpose:
 - `model` must name this server's model, or be left out; OpenAI's own names (dall-e-3, gpt-image-1) are a 400.
-- `quality`, `style`, `user`, `moderation` and `background: "auto"` are accepted and change nothing: they steer
-  OpenAI's models, and clients send them by default. Other output formats, transparent backgrounds and
-  streaming are a 400.
+- `quality`, `style`, `complexity`, `moderation`, `user` and `safety_identifier` are accepted and change nothing:
+  they steer or police OpenAI's models, and apps pass them along. So are `output_compression` (PNG is lossless)
+  and settings at their off values (`partial_images` 0, `frame_count` 1, `stream` false). Other output formats,
+  transparent backgrounds, streaming, animation and SVG are a 400, as is an empty prompt.
+- The openai client retries a 409 and any 5xx twice by default. A job that was interrupted (409), timed out
+  (504) or failed (500) must not run again behind the caller's back, so those answers carry
+  `x-should-retry: false` (errors.py); a full queue or a loading engine (503) stays retryable.
 - "url" images live as long as the server keeps the job (its newest 256 jobs or 512 MiB of PNGs), not an hour.
 """
 
@@ -57,10 +61,17 @@ class ImagesRequest(BaseModel):
     output_format: str | None = Field(None, description='"png" only')
     background: str | None = Field(None, description='"auto" or "opaque" only')
     stream: bool | None = Field(None, description="false only")
+    partial_images: int | None = Field(None, description="0 only")
+    frame_count: int | None = Field(None, description="1 only (no animation)")
+    frame_duration_ms: int | None = Field(None, description="accepted and ignored (no animation)")
+    svg: dict | None = Field(None, description="null only (no SVG output)")
+    output_compression: int | None = Field(None, ge=0, le=100, description="accepted and ignored (PNG is lossless)")
     quality: str | None = Field(None, description="accepted and ignored")
     style: str | None = Field(None, description="accepted and ignored")
-    user: str | None = Field(None, description="accepted and ignored")
+    complexity: str | None = Field(None, description="accepted and ignored")
     moderation: str | None = Field(None, description="accepted and ignored")
+    user: str | None = Field(None, description="accepted and ignored")
+    safety_identifier: str | None = Field(None, description="accepted and ignored")
     # sdrt's settings (extra_body)
     negative_prompt: str | None = None
     steps: int | None = Field(None, description="denoising steps; default: the engine dir's")
@@ -89,12 +100,19 @@ def _check_options(body: ImagesRequest, served: str) -> None:
         raise FieldError("output_format", "sdrt makes PNG images only", status=400)
     if body.background not in (None, "auto", "opaque"):
         raise FieldError("background", "sdrt makes opaque images only", status=400)
-    if body.stream:
-        raise FieldError("stream", "streamed partial images are not supported; poll sdrt's jobs API "
-                         "(/v1/generations) for progress", status=400)
+    if body.stream or body.partial_images:
+        raise FieldError("stream" if body.stream else "partial_images", "streamed partial images are not supported; "
+                         "poll sdrt's jobs API (/v1/generations) for progress", status=400)
+    if body.frame_count not in (None, 1):
+        raise FieldError("frame_count", "sdrt makes still images only", status=400)
+    if body.svg is not None:
+        raise FieldError("svg", "sdrt makes PNG images only", status=400)
+    if not body.prompt.strip():
+        raise FieldError("prompt", "must not be empty", status=400)
 
 
-@router.post("/generations", summary="Create images from a prompt (OpenAI's Images API)")
+@router.post("/generations", summary="Create images from a prompt (OpenAI's Images API)",
+             responses={400: {"description": "A bad field, in OpenAI's error shape: `param` names it"}})
 async def generations(request: Request, body: ImagesRequest):
     state = state_of(request)
     pipe = state.pipe()
@@ -102,7 +120,8 @@ async def generations(request: Request, body: ImagesRequest):
     _check_options(body, served)
     width, height = _size(body.size)
     settings = Settings(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
-                        guidance_scale=body.guidance_scale, scheduler=scheduler_name("sampler", body.sampler), seed=body.seed,
+                        guidance_scale=body.guidance_scale, scheduler=scheduler_name("sampler", body.sampler),
+                        seed=body.seed,
                         width=width, height=height, n=1 if body.n is None else body.n, names=NAMES)
     specs, seeds = await run_in_threadpool(image_specs, pipe, settings, state.config.limits)
     url = body.response_format == "url"

@@ -15,6 +15,14 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 STATIC = Path(__file__).with_name("static")
 ASSETS = {"playground.js": "text/javascript; charset=utf-8", "playground.css": "text/css; charset=utf-8"}
 NO_CACHE = {"Cache-Control": "no-cache"}  # a server upgrade must not leave a browser on the old page's script
+# The pages load nothing from elsewhere (the policy enforces it) and may not be framed by another site's page,
+# which could otherwise click through them with the browser's remembered API key.
+PAGE_HEADERS = {**NO_CACHE, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; frame-ancestors 'none'; "
+                "base-uri 'none'; form-action 'self'"}
+DOCS_HEADERS = {**PAGE_HEADERS, "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'"}
 
 router = APIRouter(include_in_schema=False)  # the playground (off with --no-ui)
 docs = APIRouter(include_in_schema=False)
@@ -22,19 +30,21 @@ docs = APIRouter(include_in_schema=False)
 
 @router.get("/")
 async def playground():
-    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=NO_CACHE)
+    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
 
 @router.get("/ui/{name}")
 async def asset(name: str):
     if name not in ASSETS:  # a fixed list: no path from the URL reaches the file system
         raise HTTPException(404, f"no asset {name!r}")
-    return FileResponse(STATIC / name, media_type=ASSETS[name], headers=NO_CACHE)
+    return FileResponse(STATIC / name, media_type=ASSETS[name],
+                        headers={**NO_CACHE, "X-Content-Type-Options": "nosniff"})
 
 
 @docs.get("/docs")
 async def reference(request: Request):
-    return HTMLResponse(render_reference(request.app.openapi()))
+    playground = any(getattr(r, "path", None) == "/" for r in request.app.routes)
+    return HTMLResponse(render_reference(request.app.openapi(), playground), headers=DOCS_HEADERS)
 
 
 @docs.get("/redoc")
@@ -50,12 +60,18 @@ td,th{border-top:1px solid #8883;padding:.25em .5em;text-align:left;vertical-ali
 .muted{color:#888}"""
 
 
-def render_reference(schema: dict) -> str:
+METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
+def render_reference(schema: dict, playground: bool = True) -> str:
     """The OpenAPI schema as one plain HTML page: operations by tag, their parameters, body fields, responses."""
     info = schema.get("info", {})
     by_tag: dict[str, list[str]] = {}
     for path, item in schema.get("paths", {}).items():
-        for method, op in item.items():
+        shared = item.get("parameters", [])  # path-level parameters apply to each of its operations
+        for method in (m for m in METHODS if m in item):
+            op = item[method]
+            op = {**op, "parameters": [*shared, *op.get("parameters", [])]}
             tag = (op.get("tags") or ["other"])[0]
             by_tag.setdefault(tag, []).append(_operation(schema, method, path, op))
     sections = "".join(f"<h2>{escape(tag)}</h2>{''.join(ops)}" for tag, ops in by_tag.items())
@@ -63,14 +79,16 @@ def render_reference(schema: dict) -> str:
             f"content='width=device-width, initial-scale=1'><title>{escape(info.get('title', 'API'))} API</title>"
             f"<style>{STYLE}</style></head><body><h1>{escape(info.get('title', 'API'))} "
             f"<span class=muted>{escape(str(info.get('version', '')))}</span></h1>"
-            f"<p>{escape(info.get('description', ''))}</p><p>The schema: <a href='/openapi.json'>/openapi.json</a>. "
-            f"The playground: <a href='/'>/</a>.</p>{sections}</body></html>")
+            f"<p>{escape(info.get('description', ''))}</p><p>The schema: <a href='/openapi.json'>/openapi.json</a>."
+            f"{' The playground: <a href=/>/</a>.' if playground else ''}</p>{sections}</body></html>")
 
 
 def _operation(schema: dict, method: str, path: str, op: dict) -> str:
-    rows = [(p["name"], p.get("in", ""), _type(schema, p.get("schema", {})), p.get("required", False),
-             p.get("schema", {}).get("default"), p.get("description") or p.get("schema", {}).get("description"))
-            for p in op.get("parameters", [])]
+    rows = []
+    for p in (_resolve(schema, p, "parameters") for p in op.get("parameters", [])):
+        kind = p.get("schema", {})
+        rows.append((p.get("name", "?"), p.get("in", ""), _type(schema, kind), p.get("required", False),
+                     kind.get("default"), p.get("description") or kind.get("description")))
     body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
     if body:
         model = _resolve(schema, body)
@@ -94,18 +112,22 @@ def _operation(schema: dict, method: str, path: str, op: dict) -> str:
             f"<p class=muted>Responses: {responses}</p></details></section>")
 
 
-def _resolve(schema: dict, node: dict) -> dict:
+def _resolve(schema: dict, node: dict, section: str = "schemas") -> dict:
     ref = node.get("$ref", "")
-    return schema.get("components", {}).get("schemas", {}).get(ref.rsplit("/", 1)[-1], {}) if ref else node
+    return schema.get("components", {}).get(section, {}).get(ref.rsplit("/", 1)[-1], {}) if ref else node
 
 
 def _type(schema: dict, node: dict) -> str:
     if "$ref" in node:
         return node["$ref"].rsplit("/", 1)[-1]
-    if "anyOf" in node:
-        return " | ".join(_type(schema, n) for n in node["anyOf"])
-    if node.get("type") == "array":
+    for key, joint in (("anyOf", " | "), ("oneOf", " | "), ("allOf", " & ")):
+        if key in node:
+            return joint.join(_type(schema, n) for n in node[key])
+    if "enum" in node:
+        return " | ".join(repr(v) for v in node["enum"])
+    if "const" in node:
+        return repr(node["const"])
+    kind = node.get("type", "any")
+    if kind == "array":
         return f"array of {_type(schema, node.get('items', {}))}"
-    if node.get("type") == "object" and "additionalProperties" in node:
-        return "object"
-    return str(node.get("type", "any"))
+    return " | ".join(kind) if isinstance(kind, list) else str(kind)

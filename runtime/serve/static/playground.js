@@ -5,7 +5,11 @@
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 400;
-let job = null;  // {id, events, timer} while one runs
+const POLL_FAILURES = 5;  // consecutive failed polls before the page gives up on a job
+const FINISHED = ["succeeded", "failed", "cancelled"];
+let engine = null;  // /v1/engine
+let job = null;  // {id, events, timer, failures} while one runs
+let cancelAsked = false;  // Cancel pressed before the server gave the job an id
 let initImage = null;  // data URI of the uploaded image
 
 function errorText(body, status) {
@@ -19,13 +23,22 @@ function errorText(body, status) {
 async function api(path, options = {}) {
   const response = await fetch(path, { credentials: "same-origin", ...options });
   const body = await response.json().catch(() => null);
-  if (!response.ok) throw new Error(errorText(body, response.status));
+  if (!response.ok) {
+    const error = new Error(errorText(body, response.status));
+    error.status = response.status;
+    throw error;
+  }
   return body;
 }
 
 function showError(message) {
   $("error").textContent = message;
   $("error").hidden = !message;
+}
+
+function say(text) {
+  $("status").textContent = text;
+  $("step").textContent = "";
 }
 
 function fillSelect(select, options, selected) {
@@ -43,7 +56,6 @@ function sizes(axis) {
 }
 
 async function loadEngine() {
-  let engine;
   for (;;) {  // the engine may still be loading: /v1/engine answers 503 until it is ready
     try { engine = await api("/v1/engine"); break; } catch (e) {
       $("model").textContent = `waiting for the engine: ${e.message}`;
@@ -63,21 +75,16 @@ async function loadEngine() {
   $("generate").disabled = false;
 }
 
-function readImage(file) {
-  return new Promise((resolve, reject) => {
-    const reader = new FileReader();
-    reader.onload = () => resolve(reader.result);
-    reader.onerror = () => reject(reader.error);
-    reader.readAsDataURL(file);
-  });
+function number(id) {  // a blank field is left to the server's default (a blank seed: random), never 0
+  const text = $(id).value.trim();
+  return text === "" ? null : Number(text);
 }
 
 function request() {
-  const number = (id) => Number($(id).value);
   const body = {
     prompt: $("prompt").value, negative_prompt: $("negative_prompt").value || null,
     width: number("width"), height: number("height"), steps: number("steps"), scheduler: $("scheduler").value,
-    guidance_scale: number("guidance_scale"), seed: number("seed"), num_images: number("num_images"),
+    guidance_scale: number("guidance_scale"), seed: number("seed"), num_images: number("num_images") ?? 1,
   };
   if (initImage) Object.assign(body, { init_image: initImage, strength: number("strength") });
   return body;
@@ -87,38 +94,49 @@ function running(on) {
   $("generate").disabled = on;
   $("cancel").disabled = !on;
   $("progress").hidden = !on;
+  $("result").setAttribute("aria-busy", on ? "true" : "false");
 }
 
 function showProgress(s) {
   if (s.state === "queued") {
-    $("status").textContent = `Queued${s.queue_position ? ` (${s.queue_position} ahead)` : ""}…`;
+    say(`Queued${s.queue_position ? ` (${s.queue_position} ahead)` : ""}…`);
   } else if (s.state === "running") {
+    if ($("status").textContent !== "Generating…") say("Generating…");
     const image = s.images_total > 1 ? ` · image ${Math.min(s.images_done + 1, s.images_total)}/${s.images_total}` : "";
-    $("status").textContent = `Step ${s.step}/${s.steps}${image}`;
+    $("step").textContent = `Step ${s.step}/${s.steps}${image}`;  // not a live region: no read-out per step
   }
   $("progress").value = s.progress;
 }
 
-async function finish() {
-  if (!job) return;  // the done event and a poll can both get here
-  const { id } = job;
+function stopWatching() {
+  if (!job) return;
+  if (job.events) job.events.close();
+  clearInterval(job.timer);
+}
+
+async function finish(id, message) {
+  if (!job || job.id !== id) return;  // the done event and a poll can both get here
   stopWatching();
   job = null;
-  running(false);
-  let view;
-  try { view = await api(`/v1/generations/${id}?images=false`); } catch (e) { showError(e.message); return; }
-  if (view.state === "succeeded") {
-    $("status").textContent = `Done in ${(view.finished - view.started).toFixed(1)} s`;
-    showImages(id, view);
-  } else if (view.state === "cancelled") {
-    $("status").textContent = `Cancelled at step ${view.step}/${view.steps}.`;
-  } else {
-    $("status").textContent = `The job ${view.state}.`;
-    showError(view.error || "");
+  try {
+    if (message) { say("The job was lost."); showError(message); return; }
+    let view;
+    try { view = await api(`/v1/generations/${id}?images=false`); } catch (e) { showError(e.message); return; }
+    if (view.state === "succeeded") {
+      say(`Done in ${(view.finished - view.started).toFixed(1)} s`);
+      showImages(view);
+    } else if (view.error_kind === "cancelled") {
+      say(`Cancelled at step ${view.step}/${view.steps}.`);
+    } else {
+      say(`The job ${view.state}${view.error_kind ? ` (${view.error_kind})` : ""}.`);
+      showError(view.error || "");
+    }
+  } finally {
+    running(false);
   }
 }
 
-function showImages(id, view) {
+function showImages(view) {
   const figures = view.links.images.map((src, k) => {
     const figure = document.createElement("figure");
     const img = new Image();
@@ -140,66 +158,107 @@ function showImages(id, view) {
   $("images").replaceChildren(...figures);
 }
 
-function stopWatching() {
-  if (!job) return;
-  if (job.events) job.events.close();
-  clearInterval(job.timer);
-}
-
-function poll() {
-  const { id } = job;
+function poll(id) {
   job.timer = setInterval(async () => {
-    if (!job || job.id !== id) return;
-    try {
-      const s = await api(`/v1/generations/${id}?images=false`);
-      showProgress(s);
-      if (["succeeded", "failed", "cancelled"].includes(s.state)) finish();
-    } catch (e) { showError(e.message); }
+    let s;
+    try { s = await api(`/v1/generations/${id}?images=false`); } catch (e) {
+      if (!job || job.id !== id) return;
+      job.failures += 1;
+      if (e.status === 404 || job.failures >= POLL_FAILURES) finish(id, e.message);
+      return;
+    }
+    if (!job || job.id !== id) return;  // an answer for a job the page has moved on from
+    job.failures = 0;
+    showProgress(s);
+    if (FINISHED.includes(s.state)) finish(id);
   }, POLL_MS);
 }
 
-function watch() {
-  const events = new EventSource(`/v1/generations/${job.id}/events`);
+function watch(id) {
+  const events = new EventSource(`/v1/generations/${id}/events`);
   job.events = events;
-  events.addEventListener("progress", (e) => showProgress(JSON.parse(e.data)));
-  events.addEventListener("done", () => finish());
+  events.addEventListener("progress", (e) => { if (job && job.id === id) showProgress(JSON.parse(e.data)); });
+  events.addEventListener("done", () => finish(id));
   events.onerror = () => {  // a proxy that buffers the stream, say: fall back to polling
     events.close();
-    if (job && job.events === events && !job.timer) poll();
+    if (job && job.id === id && !job.timer) poll(id);
   };
 }
 
 async function generate(event) {
   event.preventDefault();
+  if (job) return;
   showError("");
   $("images").replaceChildren();
+  cancelAsked = false;
   running(true);
-  $("status").textContent = "Submitting…";
+  say("Submitting…");
   $("progress").value = 0;
+  let submitted;
   try {
-    const submitted = await api("/v1/generations", {
+    submitted = await api("/v1/generations", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(request()),
     });
-    job = { id: submitted.id, events: null, timer: null };
-    showProgress(submitted);
-    watch();
   } catch (e) {
     running(false);
-    $("status").textContent = "Not started.";
+    say("Not started.");
     showError(e.message);
+    return;
   }
+  job = { id: submitted.id, events: null, timer: null, failures: 0 };
+  showProgress(submitted);
+  watch(submitted.id);
+  if (cancelAsked) cancel();
 }
 
 async function cancel() {
-  if (!job) return;
   $("cancel").disabled = true;
-  $("status").textContent = "Cancelling…";
+  if (!job) { cancelAsked = true; say("Cancelling…"); return; }  // sent once the job has an id
+  say("Cancelling…");
   try { await api(`/v1/generations/${job.id}`, { method: "DELETE" }); } catch (e) { showError(e.message); }
+}
+
+function loadImage(file) {
+  return new Promise((resolve, reject) => {
+    const url = URL.createObjectURL(file);
+    const img = new Image();
+    img.onload = () => { URL.revokeObjectURL(url); resolve(img); };
+    img.onerror = () => { URL.revokeObjectURL(url); reject(new Error(`${file.name} is not an image this browser reads`)); };
+    img.src = url;
+  });
+}
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function prepareImage(file) {
+  // Sent as it is (the server resizes it to the chosen size, and turns it upright by its EXIF tag), unless it is
+  // larger than anything the engine makes: then it is scaled down here, so a phone photo uploads quickly.
+  const img = await loadImage(file);
+  const most = Math.max(engine.width.max, engine.height.max);
+  const scale = most / Math.max(img.naturalWidth, img.naturalHeight);
+  if (scale >= 1 && file.size <= 8 * 1024 * 1024) return readFile(file);
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(img.naturalWidth * Math.min(1, scale)));
+  canvas.height = Math.max(1, Math.round(img.naturalHeight * Math.min(1, scale)));
+  canvas.getContext("2d").drawImage(img, 0, 0, canvas.width, canvas.height);  // drawn upright (EXIF applied)
+  return canvas.toDataURL("image/jpeg", 0.92);
 }
 
 async function pickImage() {
   const file = $("init_image").files[0];
-  initImage = file ? await readImage(file) : null;
+  showError("");
+  try { initImage = file ? await prepareImage(file) : null; } catch (e) {
+    initImage = null;
+    $("init_image").value = "";
+    showError(e.message);
+  }
   $("init_preview").src = initImage || "";
   $("init_preview").hidden = !initImage;
   $("clear_image").hidden = !initImage;
