@@ -372,6 +372,12 @@ def _add_serve(sub) -> None:
                    help="tensorrt backend: build the engines this GPU lacks before serving (minutes)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="JSON log lines on stderr at this level and above")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin (scheme://host[:port]) besides this server's own whose pages may POST to "
+                   "it; e.g. the public address when a proxy passes another Host (repeatable)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="without --api-key on a loopback address, the server answers only requests addressed to "
+                   "localhost (against DNS rebinding); also answer this host name (repeatable)")
     p.add_argument("--no-ui", action="store_true",
                    help="serve no playground page at / (the APIs and the /docs reference stay)")
     p.add_argument("--ray", action="store_true",
@@ -403,7 +409,8 @@ def _run_serve(args) -> int:
                           max_batch=args.max_batch, batch_wait=args.batch_wait, timeout=args.timeout,
                           api_key=args.api_key or os.environ.get("SDRT_API_KEY") or None,
                           max_body_mb=args.max_body_mb, max_images=args.max_images, max_steps=args.max_steps,
-                          build=args.build, ui=not args.no_ui)
+                          build=args.build, ui=not args.no_ui, allowed_origins=args.allow_origin,
+                          allowed_hosts=args.allow_host)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server handles it: drain, then exit 0
     if args.ray:
         from .serve.ray import run_ray

@@ -52,15 +52,20 @@ if MISSING and not REQUIRED:
 
 
 @pytest.fixture(scope="module")
-def browser():
+def playwright():
     if MISSING:  # required: each test fails with the reason, and the rest of the suite still runs
         pytest.fail(f"SDRT_REQUIRE_BROWSER=1 but {MISSING}")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):
+    b = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    yield b
+    b.close()
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +300,25 @@ def test_a_server_error_shows_in_the_page(browser, server):
     assert re.search(r"steps.*20000", tab.page.inner_text("#error"))
     assert tab.page.is_enabled("#generate")
     tab.close()
+
+
+def test_by_a_host_name_over_plain_http(playwright, server):
+    """Where the browser sends no Sec-Fetch-Site (plain http to a host that is not localhost), the playground's
+    requests pass the cross-site guard by their Origin. Chromium resolves sdrt.test to loopback here."""
+    base, _ = server
+    named = base.replace("127.0.0.1", "sdrt.test")
+    b = playwright.chromium.launch(executable_path=CHROMIUM,
+                                   args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP sdrt.test 127.0.0.1"])
+    try:
+        tab = Page(b, named).open()
+        with tab.page.expect_request(lambda r: r.method == "POST") as sent:
+            tab.generate("a red circle", steps=3)
+        headers = sent.value.all_headers()
+        assert headers.get("origin") == named and "sec-fetch-site" not in headers
+        assert tab.wait_for_image()["w"] > 0
+        tab.close()
+    finally:
+        b.close()
 
 
 def test_docs_render_in_the_browser_with_no_network(browser, server):

@@ -38,7 +38,8 @@ def server(tiny_engine):
 
 @pytest.fixture(scope="module")
 def keyed(tiny_engine):
-    with serving(ServeConfig(tiny_engine, backend="cpu", api_key=KEY)) as (base, app):
+    config = ServeConfig(tiny_engine, backend="cpu", api_key=KEY, allowed_origins=("http://allowed.example:8080",))
+    with serving(config) as (base, app):
         yield base
 
 
@@ -92,10 +93,12 @@ def test_fields_apps_pass_along_are_accepted(server):
     base, _ = server
     c = client(base)
     plain = c.images.generate(prompt="a green star", extra_body={"seed": 2, "steps": 2})
-    passed = c.images.generate(prompt="a green star", safety_identifier="hash-of-a-user", moderation="auto",
-                               output_compression=80, partial_images=0, quality="auto", background="auto",
-                               output_format="png", response_format=None, n=None,
-                               extra_body={"seed": 2, "steps": 2, "complexity": "low", "frame_count": 1})
+    # Through extra_body: older clients lack some of these keywords; newer ones send the same JSON.
+    passed = c.images.generate(prompt="a green star", quality="auto", response_format=None, n=None,
+                               extra_body={"seed": 2, "steps": 2, "complexity": "low", "frame_count": 1,
+                                           "safety_identifier": "hash-of-a-user", "moderation": "auto",
+                                           "output_compression": 80, "partial_images": 0, "background": "auto",
+                                           "output_format": "png"})
     assert passed.data[0].b64_json == plain.data[0].b64_json
 
 
@@ -164,7 +167,7 @@ def test_models_list_and_retrieve(server, pipe):
     ({"extra_body": {"seed": "abc"}}, "seed"),
     ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
     ({"prompt": "  "}, "prompt"),
-    ({"partial_images": 2}, "partial_images"),
+    ({"extra_body": {"partial_images": 2}}, "partial_images"),
     ({"extra_body": {"frame_count": 3}}, "frame_count"),
     ({"extra_body": {"svg": {"model": "x"}}}, "svg"),
     ({"background": "transparent"}, "background"),
@@ -222,6 +225,10 @@ def test_api_key(keyed):
     ({}, True),  # not a browser
     ({"Origin": "ORIGIN"}, True),  # the playground itself, without Sec-Fetch-* (plain http to another host)
     ({"Origin": "https://public.example", "X-Forwarded-Host": "public.example"}, True),  # behind a proxy
+    ({"Origin": "https://Public.Example", "X-Forwarded-Host": "edge.example, public.example:443"}, True),
+    ({"Origin": "https://public.example", "Forwarded": 'for=1.2.3.4;host="public.example";proto=https'}, True),
+    ({"Origin": "https://public.example", "X-Forwarded-Host": "public.example:8443"}, False),
+    ({"Origin": "http://allowed.example:8080"}, True),  # --allow-origin
 ])
 def test_cross_site_requests_from_a_browser_are_refused(keyed, headers, allowed):
     """A browser sends the playground's remembered key (and reaches a key-less server on localhost) from any
@@ -236,6 +243,42 @@ def test_cross_site_requests_from_a_browser_are_refused(keyed, headers, allowed)
                              json={"prompt": "x", "steps": 2} if "images" in path else None)
         assert (r.status_code != 403) == allowed, (method, path, r.status_code, r.text)
     assert requests.get(f"{base}/v1/engine", headers=headers, auth=auth, timeout=10).status_code == 200
+
+
+def test_a_keyless_server_on_loopback_answers_only_loopback_names(tiny_engine):
+    """DNS rebinding: a page whose name is re-pointed to 127.0.0.1 is same-origin with itself; its requests
+    carry its own name as Host, and a key-less server on loopback refuses them."""
+    from sdrt.runtime.serve.server import listening_config
+
+    config = ServeConfig(tiny_engine, backend="cpu")
+    assert listening_config(config, "127.0.0.1").local_only and listening_config(config, "::1").local_only
+    assert listening_config(config, "localhost").local_only
+    assert not listening_config(config, "0.0.0.0").local_only
+    assert not listening_config(ServeConfig(tiny_engine, api_key=KEY), "127.0.0.1").local_only
+    with serving(listening_config(ServeConfig(tiny_engine, backend="cpu", allowed_hosts=("sdrt.test",)),
+                                  "127.0.0.1")) as (base, _):
+        port = base.rsplit(":", 1)[1]
+        for host, status in ((f"attacker.example:{port}", 400), (f"127.0.0.1:{port}", 200),
+                             (f"localhost:{port}", 200), (f"[::1]:{port}", 200), (f"sdrt.test:{port}", 200)):
+            r = requests.get(f"{base}/v1/engine", headers={"Host": host}, timeout=10)
+            assert r.status_code == status, (host, r.text)
+        assert "localhost" in requests.get(f"{base}/", headers={"Host": "evil"}, timeout=10).json()["errors"]
+
+
+def test_origin_and_host_flags_are_checked(tiny_engine):
+    from sdrt.runtime.errors import UserError
+    from sdrt.runtime.serve.config import serve_config
+
+    ok = serve_config(tiny_engine, backend="cpu", allowed_origins=["HTTPS://Public.Example"],
+                      allowed_hosts=["Sdrt.Test", "[::2]"])
+    assert ok.allowed_origins == ("https://public.example:443",) and ok.allowed_hosts == ("sdrt.test", "::2")
+    assert serve_config(tiny_engine, backend="cpu", allowed_origins="http://a.example").allowed_origins == \
+        ("http://a.example:80",)  # Ray's `serve run ... allowed_origins=...` passes one string
+    for kwargs, flag in (({"allowed_origins": ["public.example"]}, "--allow-origin"),
+                         ({"allowed_origins": ["https://x.example/path"]}, "--allow-origin"),
+                         ({"allowed_hosts": ["sdrt.test:8080"]}, "--allow-host")):
+        with pytest.raises(UserError, match=flag):
+            serve_config(tiny_engine, backend="cpu", **kwargs)
 
 
 def test_pages_may_not_be_framed_and_load_only_their_own_files(server):
@@ -316,5 +359,6 @@ def test_playground_is_served_and_no_ui_turns_it_off(server, tiny_engine):
         assert requests.get(f"{off}/", timeout=10).status_code == 404
         assert requests.get(f"{off}/ui/playground.js", timeout=10).status_code == 404
         docs = requests.get(f"{off}/docs", timeout=10)
-        assert docs.status_code == 200 and "href=/>" not in docs.text  # the API reference stays, unlinked
+        assert docs.status_code == 200 and "The playground" not in docs.text  # the reference stays, unlinked
         assert client(off).models.list().data
+    assert "The playground" in requests.get(f"{base}/docs", timeout=10).text

@@ -28,6 +28,7 @@ from ..manifest import package_versions
 from ..pipeline import Pipeline
 from .config import ServeConfig
 from .errors import KINDS, a1111_error, error_for, is_openai, openai_error
+from .guard import cross_site, loopback_name
 from .inputs import FieldError, engine_info
 from .jobs import JobQueue, NotAccepting, QueueFull
 from .metrics import Metrics
@@ -40,7 +41,6 @@ OPEN_PREFIXES = ("/v1/images/files/",)
 # Pages a browser opens: their 401 asks for HTTP Basic (any user name, the key as password), so the browser
 # prompts once and then sends the key with every request the page makes.
 PAGE_PATHS = ("/", "/docs", "/redoc")
-SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 DISCONNECT_POLL = 1.0  # seconds between checks that a waiting client is still there
 STOP_GRACE = 60.0  # seconds a timed-out request waits for its job to stop before answering anyway
 
@@ -108,24 +108,6 @@ class ServerState:
             raise HTTPException(503, str(e), headers={"Retry-After": "5"}) from None
 
 
-def cross_site(method: str, headers: Headers) -> bool:
-    """A state-changing request that a browser sent from another site's page. A browser attaches the playground's
-    Basic credentials (and reaches a key-less server on localhost) from any page, and a form or a body-less
-    POST needs no CORS preflight; so such requests are refused. `Sec-Fetch-Site` is the browser's own verdict
-    (sent to https and localhost); elsewhere `Origin` must name this server, directly or through a proxy's
-    X-Forwarded-Host. Clients that are not browsers send neither header."""
-    if method in SAFE_METHODS:
-        return False
-    fetch_site = headers.get("sec-fetch-site")
-    if fetch_site is not None:
-        return fetch_site in ("cross-site", "same-site")
-    origin = headers.get("origin")
-    if origin is None:
-        return False
-    host = origin.partition("://")[2]
-    return host not in (headers.get("host"), headers.get("x-forwarded-host"))
-
-
 def _authorized(header: str | None, x_api_key: str | None, key: str) -> bool:
     """Bearer token, X-API-Key, or HTTP Basic with the key as password (A1111 clients' --api-auth)."""
     given = x_api_key
@@ -182,9 +164,10 @@ class Frame:
     """Request id, API key, access log, metrics and X-Process-Time on every request. Plain ASGI (not FastAPI's
     http middleware, whose wrapped receive hides a client's disconnect from the handlers)."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics):
+    def __init__(self, app: ASGIApp, config: ServeConfig, metrics: Metrics):
         self.app = app
-        self.api_key = api_key
+        self.api_key = config.api_key
+        self.config = config
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -208,9 +191,12 @@ class Frame:
 
         try:
             path = scope["path"]
-            if cross_site(scope["method"], headers):
+            if self.config.local_only and not loopback_name(headers.get("host"), self.config.allowed_hosts):
+                await error_for(path, 400, f"this server answers only requests addressed to localhost, not to "
+                                f"{headers.get('host')!r} (see --allow-host)")(scope, receive, framed)
+            elif cross_site(scope["method"], headers, self.config.allowed_origins):
                 await error_for(path, 403, f"cross-site {scope['method']} refused: the request came from another "
-                                "site's page")(scope, receive, framed)
+                                "site's page (see --allow-origin)")(scope, receive, framed)
             elif self.api_key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES) and not _authorized(
                     headers.get("authorization"), headers.get("x-api-key"), self.api_key):
                 page = path in PAGE_PATHS or path.startswith("/ui/")
@@ -263,7 +249,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, on_load_er
     if config.ui:
         app.include_router(ui.router)
 
-    app.add_middleware(Frame, api_key=config.api_key, metrics=metrics)
+    app.add_middleware(Frame, config=config, metrics=metrics)
     app.add_middleware(BodyLimit, limit=config.max_body)
 
     @app.exception_handler(RequestValidationError)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from .guard import host_name, normal_origin
 
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
 # --max-batch left out. On the CPU, batching bought no throughput for SD 1.5 at 512x512 on 2 cores and took 2.4x
@@ -40,6 +41,9 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     build: bool = False  # let the tensorrt backend build missing engines at load
     ui: bool = True  # the playground page at /
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides this server's own that may POST (guard.py)
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides loopback ones that a local_only server answers
+    local_only: bool = False  # answer only requests addressed to a loopback name (server.serve sets it)
 
 
 def missing_modules(names=SERVE_MODULES) -> list[str]:
@@ -58,7 +62,8 @@ def on_cpu(backend: str) -> bool:
 def serve_config(engine_dir: Path, *, backend: str = "auto", queue_size: int = 16, max_batch: int | None = None,
                  batch_wait: float = 0.02, timeout: float = 600.0, api_key: str | None = None,
                  max_body_mb: float = 50.0, max_images: int = 8, max_steps: int = 150,
-                 build: bool = False, ui: bool = True, check_engine: bool = True) -> ServeConfig:
+                 build: bool = False, ui: bool = True, allowed_origins=(), allowed_hosts=(),
+                 check_engine: bool = True) -> ServeConfig:
     """A ServeConfig from flag values, refusing bad ones, an engine dir that cannot be served here (unless
     `check_engine` is False: Ray may build the app on a node that serves nothing), and a missing `serve` extra,
     each in one line. `max_batch` None: CPU_MAX_BATCH where the backend runs on the CPU, else GPU_MAX_BATCH."""
@@ -75,6 +80,15 @@ def serve_config(engine_dir: Path, *, backend: str = "auto", queue_size: int = 1
             raise UserError(f"{flag} must be {'>= 0' if flag == '--batch-wait' else '> 0'}, got {value}")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key must not be empty")
+    allowed_origins = (allowed_origins,) if isinstance(allowed_origins, str) else tuple(allowed_origins or ())
+    allowed_hosts = (allowed_hosts,) if isinstance(allowed_hosts, str) else tuple(allowed_hosts or ())
+    origins = tuple(normal_origin(o) for o in allowed_origins)
+    if None in origins:
+        raise UserError(f"--allow-origin takes scheme://host[:port], as a browser's Origin header says it, got "
+                        f"{list(allowed_origins)}")
+    hosts = tuple(host_name(h) for h in allowed_hosts)
+    if None in hosts:
+        raise UserError(f"--allow-host takes a host name without a port (e.g. sdrt.example), got {list(allowed_hosts)}")
     if check_engine:
         from ..backend import unavailable
         from ..manifest import Manifest
@@ -83,4 +97,5 @@ def serve_config(engine_dir: Path, *, backend: str = "auto", queue_size: int = 1
         if backend != "auto" and (problem := unavailable(backend, None if build else engine_dir, manifest)):
             raise UserError(problem)
     return ServeConfig(Path(engine_dir), backend, queue_size, max_batch, batch_wait, timeout, api_key,
-                       int(max_body_mb * 1024 * 1024), Limits(max_images, max_steps), build, ui)
+                       int(max_body_mb * 1024 * 1024), Limits(max_images, max_steps), build, ui,
+                       origins, hosts)

@@ -79,7 +79,11 @@ def decode_image(field_name: str, value: str, limits: Limits) -> Image.Image:
             if im.width * im.height > limits.max_image_pixels:
                 raise FieldError(field_name, f"image is {im.width}x{im.height}, larger than the "
                                  f"{limits.max_image_pixels} pixels this server accepts")
-            return ImageOps.exif_transpose(im).convert("RGB")  # a phone photo the way up it was taken
+            try:
+                im = ImageOps.exif_transpose(im)  # a phone photo the way up it was taken
+            except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels are still good
+                pass
+            return im.convert("RGB")
     except FieldError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL's decoders raise many kinds on malformed files

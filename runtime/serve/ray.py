@@ -127,7 +127,8 @@ def sdrt_app(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None
 def build_app(args: dict):
     """Ray Serve's application builder (YAML `import_path: sdrt.runtime.serve.ray:build_app`). `args`: engine_dir,
     `sdrt serve`'s settings under their flag names in snake case (backend, queue_size, max_batch, batch_wait,
-    timeout, api_key (else $SDRT_API_KEY), max_body_mb, max_images, max_steps, build), and the Ray ones: RAY_ARGS.
+    timeout, api_key (else $SDRT_API_KEY), max_body_mb, max_images, max_steps, build, ui, allowed_origins,
+    allowed_hosts), and the Ray ones: RAY_ARGS.
     Ray may build the app on any node, so the engine dir is checked by the replicas, on the nodes they run on."""
     args = dict(args)
     known = set(inspect.signature(serve_config).parameters) - {"check_engine"} | set(RAY_ARGS)

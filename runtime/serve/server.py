@@ -12,10 +12,12 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import replace
 
 from ..errors import UserError
 from .app import create_app
 from .config import ServeConfig
+from .guard import is_loopback_address
 
 
 class JsonFormatter(logging.Formatter):
@@ -56,6 +58,14 @@ def check_port(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def listening_config(config: ServeConfig, host: str) -> ServeConfig:
+    """A key-less server on a loopback address answers only requests addressed to a loopback name: a web page
+    whose name an attacker re-points to 127.0.0.1 (DNS rebinding) is refused (guard.py)."""
+    if config.api_key is None and is_loopback_address(host):
+        return replace(config, local_only=True)
+    return config
+
+
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 7860, log_level: str = "info") -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code (1 if the engine failed to load)."""
     import uvicorn
@@ -77,7 +87,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 7860, log_le
         server.should_exit = True
 
     check_port(host, port)
-    app = create_app(config, on_load_error=on_load_error)
+    app = create_app(listening_config(config, host), on_load_error=on_load_error)
     server = Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                                    timeout_graceful_shutdown=int(config.timeout), log_level=log_level))
     try:

@@ -43,7 +43,7 @@ async def asset(name: str):
 
 @docs.get("/docs")
 async def reference(request: Request):
-    playground = any(getattr(r, "path", None) == "/" for r in request.app.routes)
+    playground = request.app.state.sdrt.config.ui
     return HTMLResponse(render_reference(request.app.openapi(), playground), headers=DOCS_HEADERS)
 
 

@@ -8,9 +8,10 @@ const POLL_MS = 400;
 const POLL_FAILURES = 5;  // consecutive failed polls before the page gives up on a job
 const FINISHED = ["succeeded", "failed", "cancelled"];
 let engine = null;  // /v1/engine
-let job = null;  // {id, events, timer, failures} while one runs
+let job = null;  // {id, events, timer, failures, cancelling} while one runs
 let cancelAsked = false;  // Cancel pressed before the server gave the job an id
 let initImage = null;  // data URI of the uploaded image
+let picks = 0;  // uploads chosen so far: a slow earlier one must not replace a later one
 
 function errorText(body, status) {
   // sdrt's error shapes: A1111's {error, detail, errors} and OpenAI's {error: {message}}.
@@ -98,6 +99,10 @@ function running(on) {
 }
 
 function showProgress(s) {
+  if (job && job.cancelling) {  // keep saying "Cancelling…" until the job ends
+    $("progress").value = s.progress;
+    return;
+  }
   if (s.state === "queued") {
     say(`Queued${s.queue_position ? ` (${s.queue_position} ahead)` : ""}…`);
   } else if (s.state === "running") {
@@ -121,7 +126,11 @@ async function finish(id, message) {
   try {
     if (message) { say("The job was lost."); showError(message); return; }
     let view;
-    try { view = await api(`/v1/generations/${id}?images=false`); } catch (e) { showError(e.message); return; }
+    try { view = await api(`/v1/generations/${id}?images=false`); } catch (e) {
+      say("The job ended, but its result could not be read.");
+      showError(e.message);
+      return;
+    }
     if (view.state === "succeeded") {
       say(`Done in ${(view.finished - view.started).toFixed(1)} s`);
       showImages(view);
@@ -205,7 +214,7 @@ async function generate(event) {
     showError(e.message);
     return;
   }
-  job = { id: submitted.id, events: null, timer: null, failures: 0 };
+  job = { id: submitted.id, events: null, timer: null, failures: 0, cancelling: false };
   showProgress(submitted);
   watch(submitted.id);
   if (cancelAsked) cancel();
@@ -213,9 +222,16 @@ async function generate(event) {
 
 async function cancel() {
   $("cancel").disabled = true;
-  if (!job) { cancelAsked = true; say("Cancelling…"); return; }  // sent once the job has an id
   say("Cancelling…");
-  try { await api(`/v1/generations/${job.id}`, { method: "DELETE" }); } catch (e) { showError(e.message); }
+  if (!job) { cancelAsked = true; return; }  // sent once the job has an id
+  const current = job;
+  current.cancelling = true;
+  try { await api(`/v1/generations/${current.id}`, { method: "DELETE" }); } catch (e) {
+    if (job !== current) return;
+    current.cancelling = false;  // it may still be running: let Cancel be pressed again
+    $("cancel").disabled = false;
+    showError(e.message);
+  }
 }
 
 function loadImage(file) {
@@ -253,12 +269,16 @@ async function prepareImage(file) {
 
 async function pickImage() {
   const file = $("init_image").files[0];
+  const pick = ++picks;
   showError("");
-  try { initImage = file ? await prepareImage(file) : null; } catch (e) {
-    initImage = null;
+  let image = null;
+  try { image = file ? await prepareImage(file) : null; } catch (e) {
+    if (pick !== picks) return;
     $("init_image").value = "";
     showError(e.message);
   }
+  if (pick !== picks) return;
+  initImage = image;
   $("init_preview").src = initImage || "";
   $("init_preview").hidden = !initImage;
   $("clear_image").hidden = !initImage;
