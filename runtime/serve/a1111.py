@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 from ..errors import UserError
 from ..infotext import SAMPLERS, SCHEDULE_NAMES, parse, to_sdrt
 from .app import job_error, state_of
-from .inputs import FieldError, Settings, decode_image, image_specs
+from .inputs import FieldError, Settings, decode_image, image_specs, model_name
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 
@@ -151,7 +151,7 @@ async def _generate(request: Request, body: Txt2ImgRequest, settings: Settings) 
         "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0,
         "width": req.width, "height": req.height, "sampler_name": sampler, "scheduler": schedule,
         "cfg_scale": req.guidance_scale, "steps": req.steps, "batch_size": body.batch_size or 1,
-        "restore_faces": False, "face_restoration_model": None, "sd_model_name": pipe.engine_dir.resolve().name,
+        "restore_faces": False, "face_restoration_model": None, "sd_model_name": model_name(pipe),
         "sd_model_hash": _short_hash(pipe), "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
         "seed_resize_from_h": -1, "denoising_strength": req.strength if specs[0].image is not None else None,
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
@@ -209,7 +209,7 @@ async def schedulers():
 
 
 def _model(pipe) -> dict:
-    name = pipe.engine_dir.resolve().name
+    name = model_name(pipe)
     fp = str(pipe.manifest.source.get("fingerprint", ""))
     return {"title": f"{name} [{_short_hash(pipe)}]", "model_name": name, "hash": _short_hash(pipe),
             "sha256": fp.partition(":")[2] or None, "filename": str(pipe.engine_dir.resolve()), "config": None}

@@ -166,7 +166,6 @@ class Frame:
 
     def __init__(self, app: ASGIApp, config: ServeConfig, metrics: Metrics):
         self.app = app
-        self.api_key = config.api_key
         self.config = config
         self.metrics = metrics
 
@@ -197,8 +196,8 @@ class Frame:
             elif cross_site(scope["method"], headers, self.config.allowed_origins):
                 await error_for(path, 403, f"cross-site {scope['method']} refused: the request came from another "
                                 "site's page (see --allow-origin)")(scope, receive, framed)
-            elif self.api_key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES) and not _authorized(
-                    headers.get("authorization"), headers.get("x-api-key"), self.api_key):
+            elif self.config.api_key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES) and \
+                    not _authorized(headers.get("authorization"), headers.get("x-api-key"), self.config.api_key):
                 page = path in PAGE_PATHS or path.startswith("/ui/")
                 challenge = 'Basic realm="sdrt", charset="UTF-8"' if page else "Bearer"
                 await error_for(path, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",

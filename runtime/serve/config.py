@@ -88,7 +88,8 @@ def serve_config(engine_dir: Path, *, backend: str = "auto", queue_size: int = 1
                         f"{list(allowed_origins)}")
     hosts = tuple(host_name(h) for h in allowed_hosts)
     if None in hosts:
-        raise UserError(f"--allow-host takes a host name without a port (e.g. sdrt.example), got {list(allowed_hosts)}")
+        raise UserError(f"--allow-host takes a host name without a port (e.g. sdrt.example), got "
+                        f"{list(allowed_hosts)}")
     if check_engine:
         from ..backend import unavailable
         from ..manifest import Manifest

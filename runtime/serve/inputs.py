@@ -90,6 +90,11 @@ def decode_image(field_name: str, value: str, limits: Limits) -> Image.Image:
         raise FieldError(field_name, f"not a readable image: {e}") from None
 
 
+def model_name(pipe: Pipeline) -> str:
+    """The served model's name in every front door: the engine dir's folder name."""
+    return pipe.engine_dir.resolve().name
+
+
 def scheduler_name(field_name: str, name: str | None) -> str | None:
     """An sdrt scheduler name from an sdrt or A1111 name (None: the engine's default)."""
     if name is None or name in SCHEDULER_NAMES:
@@ -144,7 +149,7 @@ def image_specs(pipe: Pipeline, s: Settings, limits: Limits) -> tuple[list[Image
     """Checked ImageSpecs, one per image, seeded seed, seed + 1, ...; and those seeds."""
     _check(s, limits)
     seed = secrets.randbelow(MAX_SEED + 1) if s.seed is None or s.seed == -1 else s.seed
-    model = pipe.engine_dir.resolve().name
+    model = model_name(pipe)
     specs = []
     for i in range(s.n):
         image = s.init_images[i % len(s.init_images)] if s.init_images else None
@@ -175,7 +180,7 @@ def engine_info(pipe: Pipeline, limits: Limits) -> dict:
         samplers.append({"name": name, "a1111": sampler.name + ("" if schedule == "Uniform" else f" {schedule}")})
     d = pipe.defaults
     return {
-        "model": pipe.engine_dir.resolve().name, "family": m.family, "backend": pipe.backend.name,
+        "model": model_name(pipe), "family": m.family, "backend": pipe.backend.name,
         "native": {"width": m.native_resolution[1], "height": m.native_resolution[0]},
         "width": {"min": w.min * f, "max": w.max * f, "step": w.multiple_of * f},
         "height": {"min": h.min * f, "max": h.max * f, "step": h.multiple_of * f},

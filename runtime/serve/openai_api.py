@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..schedulers import SCHEDULER_NAMES
 from .app import job_error, state_of
-from .inputs import FieldError, Settings, image_specs, scheduler_name
+from .inputs import FieldError, Settings, image_specs, model_name, scheduler_name
 from .jobs import JobState
 
 router = APIRouter(prefix="/v1/images", tags=["OpenAI"])
@@ -86,29 +86,28 @@ def _size(value: str | None) -> tuple[int | None, int | None]:
         return None, None
     m = SIZE.match(value)
     if not m:
-        raise FieldError("size", f"'{value}' is not WIDTHxHEIGHT (e.g. 512x512) or 'auto'", status=400)
+        raise FieldError("size", f"'{value}' is not WIDTHxHEIGHT (e.g. 512x512) or 'auto'")
     return int(m.group(1)), int(m.group(2))
 
 
 def _check_options(body: ImagesRequest, served: str) -> None:
     if body.model is not None and body.model != served:
-        raise FieldError("model", f"this server runs one model, '{served}'; it cannot run '{body.model}'",
-                         status=400)
+        raise FieldError("model", f"this server runs one model, '{served}'; it cannot run '{body.model}'")
     if body.response_format not in (None, "b64_json", "url"):
-        raise FieldError("response_format", f"must be 'b64_json' or 'url', got '{body.response_format}'", status=400)
+        raise FieldError("response_format", f"must be 'b64_json' or 'url', got '{body.response_format}'")
     if body.output_format not in (None, "png"):
-        raise FieldError("output_format", "sdrt makes PNG images only", status=400)
+        raise FieldError("output_format", "sdrt makes PNG images only")
     if body.background not in (None, "auto", "opaque"):
-        raise FieldError("background", "sdrt makes opaque images only", status=400)
+        raise FieldError("background", "sdrt makes opaque images only")
     if body.stream or body.partial_images:
         raise FieldError("stream" if body.stream else "partial_images", "streamed partial images are not supported; "
-                         "poll sdrt's jobs API (/v1/generations) for progress", status=400)
+                         "poll sdrt's jobs API (/v1/generations) for progress")
     if body.frame_count not in (None, 1):
-        raise FieldError("frame_count", "sdrt makes still images only", status=400)
+        raise FieldError("frame_count", "sdrt makes still images only")
     if body.svg is not None:
-        raise FieldError("svg", "sdrt makes PNG images only", status=400)
+        raise FieldError("svg", "sdrt makes PNG images only")
     if not body.prompt.strip():
-        raise FieldError("prompt", "must not be empty", status=400)
+        raise FieldError("prompt", "must not be empty")
 
 
 @router.post("/generations", summary="Create images from a prompt (OpenAI's Images API)",
@@ -116,13 +115,12 @@ def _check_options(body: ImagesRequest, served: str) -> None:
 async def generations(request: Request, body: ImagesRequest):
     state = state_of(request)
     pipe = state.pipe()
-    served = pipe.engine_dir.resolve().name
+    served = model_name(pipe)
     _check_options(body, served)
     width, height = _size(body.size)
     settings = Settings(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                         guidance_scale=body.guidance_scale, scheduler=scheduler_name("sampler", body.sampler),
-                        seed=body.seed,
-                        width=width, height=height, n=1 if body.n is None else body.n, names=NAMES)
+                        seed=body.seed, width=width, height=height, n=1 if body.n is None else body.n, names=NAMES)
     specs, seeds = await run_in_threadpool(image_specs, pipe, settings, state.config.limits)
     url = body.response_format == "url"
     job = state.submit(specs, request, public=url)
@@ -154,7 +152,7 @@ async def file(request: Request, job_id: str, index: int):
 def _model(request: Request) -> dict:
     pipe = state_of(request).pipe()
     manifest = pipe.engine_dir / "manifest.json"
-    return {"id": pipe.engine_dir.resolve().name, "object": "model", "created": int(manifest.stat().st_mtime),
+    return {"id": model_name(pipe), "object": "model", "created": int(manifest.stat().st_mtime),
             "owned_by": "sdrt"}
 
 
