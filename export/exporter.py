@@ -130,10 +130,14 @@ def conditioning(ckpt: Checkpoint, geo: Geometry) -> Conditioning:
 def vae_info(vae) -> VaeInfo:
     c = vae.config
     mean, std = getattr(c, "latents_mean", None), getattr(c, "latents_std", None)
+    # diffusers' tile side (AutoencoderKL.tile_sample_min_size); a [h, w] sample_size tiles by its first value.
+    size = getattr(c, "sample_size", None)
+    size = size[0] if isinstance(size, (list, tuple)) else size
     return VaeInfo(scaling_factor=float(c.scaling_factor),
                    latents_mean=tuple(map(float, mean)) if mean is not None else None,
                    latents_std=tuple(map(float, std)) if std is not None else None,
-                   force_upcast=bool(getattr(c, "force_upcast", True)))
+                   force_upcast=bool(getattr(c, "force_upcast", True)),
+                   sample_size=int(size) if size else None)
 
 
 def release(modules: dict, specs: dict, remaining: tuple[str, ...]) -> None:

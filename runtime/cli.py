@@ -167,6 +167,10 @@ def _add_generate(sub) -> None:
                    help="start from this image (image-to-image)")
     p.add_argument("--strength", type=float, default=0.8,
                    help="image-to-image: how much of the init image is replaced, in (0, 1]")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode (and encode the init image) in overlapping tiles of the VAE's sample_size (SD 1.5: "
+                   "512 px) when the image is larger, as diffusers' enable_vae_tiling: less VAE memory, an image "
+                   "that differs slightly")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="engine backend: cpu (ONNX Runtime), cuda (onnxruntime-gpu on the fp16 graphs), tensorrt "
                    "(engines from `sdrt build`), or auto: the first of tensorrt, cuda, cpu that can run here "
@@ -185,7 +189,7 @@ def _run_generate(args) -> int:
         engine_dir=args.engine_dir, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=seed, height=args.height,
         width=args.width, num_images=args.num_images, init_image=args.init_image, strength=args.strength,
-        backend=args.backend, out=args.out, guidance_rescale=args.guidance_rescale))
+        backend=args.backend, out=args.out, guidance_rescale=args.guidance_rescale, vae_tiling=args.vae_tiling))
     for path in paths:
         print(path)
     return 0

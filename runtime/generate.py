@@ -29,6 +29,7 @@ class GenerateRequest:
     backend: str
     out: Path
     guidance_rescale: float | None = None
+    vae_tiling: bool = False  # diffusers' enable_vae_tiling (runtime/vae_tiling.py)
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
@@ -61,7 +62,8 @@ def generate(req: GenerateRequest) -> list[Path]:
     settings = asked.over(pipe.defaults)
     request = pipe.request(req.prompt, req.negative_prompt or None, steps=settings.steps,
                            guidance_scale=settings.guidance_scale, scheduler=settings.scheduler, height=h, width=w,
-                           image=init, strength=req.strength, guidance_rescale=settings.guidance_rescale)
+                           image=init, strength=req.strength, guidance_rescale=settings.guidance_rescale,
+                           vae_tiling=req.vae_tiling)
     # Image i is seeded seed + i (A1111's all_seeds, as `sdrt serve` does): each PNG's parameters remake it alone.
     seeds = [req.seed + i for i in range(req.num_images)]
     results = pipe.run([pipe.prepare(request, seed, init) for seed in seeds], progress=True)

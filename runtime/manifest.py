@@ -162,6 +162,9 @@ class VaeInfo:
     latents_std: tuple[float, ...] | None = None
     # The checkpoint's force_upcast: the VAE overflows in fp16, so it runs in fp32 whatever the UNet runs in.
     force_upcast: bool = True
+    # The VAE config's sample_size in pixels: the tile side of tiled decode/encode (runtime/vae_tiling.py).
+    # None in engine dirs exported before it was recorded.
+    sample_size: int | None = None
 
     def to_latents(self, mean):
         if self.latents_mean is None or self.latents_std is None:
@@ -308,7 +311,8 @@ class Manifest:
             native_resolution=tuple(d["native_resolution"]),
             latent_channels=d["latent_channels"],
             vae_scale_factor=d["vae_scale_factor"],
-            vae=VaeInfo(**{**vae, **{k: tuple(vae[k]) for k in ("latents_mean", "latents_std") if vae.get(k)}}),
+            vae=VaeInfo(**{**_known(VaeInfo, vae),
+                           **{k: tuple(vae[k]) for k in ("latents_mean", "latents_std") if vae.get(k)}}),
             tokenizers=d["tokenizers"],
             conditioning=Conditioning(**{**cond, "text_encoders": tuple(cond["text_encoders"]),
                                          "time_ids": tuple(cond.get("time_ids", ()))}),

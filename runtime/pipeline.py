@@ -27,6 +27,7 @@ from .families import MicroConditioning, PromptEncoder, check_pair
 from .manifest import BUILTIN_DEFAULTS, SCHEDULER_FILE, UNET, VAE_DECODER, VAE_ENCODER, GenerationDefaults, Manifest
 from .schedulers import SCHEDULER_NAMES, SchedulerConfig, default_scheduler_name, make_sampler
 from .tokenizer import PromptTokenizer
+from .vae_tiling import needs_tiling, tile_sizes, tiled_decode, tiled_encode
 
 PIXEL_MULTIPLE = 8
 
@@ -91,6 +92,8 @@ class Request:
     strength: float
     eta: float
     micro: MicroConditioning
+    # diffusers' enable_vae_tiling for this generation's decode (and img2img encode): runtime/vae_tiling.py.
+    vae_tiling: bool = False
 
     @property
     def batch(self) -> int:
@@ -143,7 +146,7 @@ class Pipeline:
                 width: int | None = None, num_images_per_prompt: int = 1, strength: float = 0.8, eta: float = 0.0,
                 image=None, guidance_rescale: float | None = None, original_size: tuple[int, int] | None = None,
                 crops_coords_top_left: tuple[int, int] = (0, 0),
-                target_size: tuple[int, int] | None = None) -> Request:
+                target_size: tuple[int, int] | None = None, vae_tiling: bool = False) -> Request:
         """One generation's settings, with the engine dir's defaults filled in and every value checked; no engine
         call. `image` (the init image, if any) only gives the size when height or width is left out."""
         micro = MicroConditioning(check_pair("original_size", original_size),
@@ -190,7 +193,8 @@ class Pipeline:
         height, width = int(height or nh), int(width or nw)
         check_size(self.manifest, height, width)
         req = Request(prompts, negatives, int(steps), float(guidance_scale), float(guidance_rescale), name,
-                      height, width, int(num_images_per_prompt), float(strength), float(eta), micro)
+                      height, width, int(num_images_per_prompt), float(strength), float(eta), micro,
+                      bool(vae_tiling))
         if image is not None:  # a strength so low that no step is left is the request's fault, found now
             try:
                 make_sampler(name, self.scheduler_config, req.steps, strength=req.strength, eta=req.eta)
@@ -209,7 +213,12 @@ class Pipeline:
         if VAE_ENCODER not in self.manifest.components:
             raise UserError(f"{self.engine_dir} has no vae_encoder; re-export it for image-to-image")
         pixels = images.preprocess(image, req.height, req.width)
-        mean, logvar = self.backend.run(VAE_ENCODER, {"image": pixels})
+        tile_latent, tile_sample = tile_sizes(self.manifest)
+        if req.vae_tiling and needs_tiling(req.height, req.width, tile_sample):
+            mean, logvar = tiled_encode(pixels, lambda x: self.backend.run(VAE_ENCODER, {"image": x}), tile_sample,
+                                        tile_latent, self._spatial_axes(VAE_ENCODER))
+        else:
+            mean, logvar = self.backend.run(VAE_ENCODER, {"image": pixels})
         # DiagonalGaussianDistribution.sample: mean + exp(0.5 * clamp(logvar, -30, 20)) * noise.
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         latents = self.manifest.vae.to_latents(mean + std * rng.standard_normal(mean.shape, dtype=np.float32))
@@ -267,7 +276,7 @@ class Pipeline:
         out, start = [], 0
         for g in generations:
             n = g.latents.shape[0]
-            out.append(self.decode(x[start:start + n]))
+            out.append(self.decode(x[start:start + n], g.req.vae_tiling))
             start += n
         return out
 
@@ -300,9 +309,22 @@ class Pipeline:
             bar.close()
         return x
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        (decoded,) = self.backend.run(VAE_DECODER, {"latent": self.manifest.vae.from_latents(latents)})
+    def decode(self, latents: np.ndarray, tiled: bool = False) -> np.ndarray:
+        """Latents -> float32 [N, H, W, 3] in [0, 1]; `tiled`: in tiles where the latents exceed one, as diffusers'
+        enable_vae_tiling (runtime/vae_tiling.py)."""
+        latent = self.manifest.vae.from_latents(latents)
+        tile_latent, tile_sample = tile_sizes(self.manifest)
+        if tiled and needs_tiling(*latent.shape[-2:], tile_latent):
+            decoded = tiled_decode(latent, lambda z: self.backend.run(VAE_DECODER, {"latent": z})[0], tile_latent,
+                                   tile_sample, self._spatial_axes(VAE_DECODER))
+        else:
+            (decoded,) = self.backend.run(VAE_DECODER, {"latent": latent})
         return images.postprocess(decoded)
+
+    def _spatial_axes(self, component: str) -> tuple:
+        """The (height, width) axes of the component's input: the tile sizes its engine accepts."""
+        c = self.manifest.components[component]
+        return tuple(c.axes[dim] for dim in c.inputs[0].shape[-2:])
 
     # -- the call -------------------------------------------------------------------------------------
 
@@ -312,7 +334,7 @@ class Pipeline:
                  image=None, strength: float = 0.8, eta: float = 0.0, output_type: str = "pil",
                  progress: bool = False, guidance_rescale: float | None = None,
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
-                 target_size: tuple[int, int] | None = None):
+                 target_size: tuple[int, int] | None = None, vae_tiling: bool = False):
         """Generate images; returns PIL images, or float32 [N, H, W, 3] in [0, 1] for output_type="np".
 
         Text-to-image by default; image-to-image when `image` (a PIL image or [H, W, 3] array in [0, 1]) is
@@ -325,6 +347,8 @@ class Pipeline:
 
         SDXL only: `original_size`, `crops_coords_top_left` and `target_size` are the micro-conditioning
         (height, width) pairs, with diffusers' defaults: (height, width), (0, 0), (height, width).
+        `vae_tiling` decodes (and encodes the init image) in overlapping tiles of the VAE's sample_size where the
+        image is larger, as diffusers' enable_vae_tiling: less memory, and an image that differs slightly.
 
         The same as `run([prepare(request(...), seed, image, latents)])`; a server batches several prepared
         generations in one `run`.
@@ -335,7 +359,7 @@ class Pipeline:
                            height=height, width=width, num_images_per_prompt=num_images_per_prompt,
                            strength=strength, eta=eta, image=image, guidance_rescale=guidance_rescale,
                            original_size=original_size, crops_coords_top_left=crops_coords_top_left,
-                           target_size=target_size)
+                           target_size=target_size, vae_tiling=vae_tiling)
         (out,) = self.run([self.prepare(req, seed, image, latents)], progress)
         return images.to_pil(out) if output_type == "pil" else out
 
