@@ -53,6 +53,8 @@ class DiffusersContender:
                 pipe = getattr(diffusers, name)(scheduler=scheduler, **parts, **extra).to(dtype=dtype)
             self.pipe = pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        if settings.vae_tiling:
+            self.pipe.vae.enable_tiling()
         self.image = Image.open(settings.init_image).convert("RGB") if settings.init_image else None
         self.calls: list[tuple[str, float]] = []
         for role in ckpt.spec.text_encoders:

@@ -4,9 +4,12 @@ Every backend has one interface, `run(component, feeds) -> outputs` on numpy arr
 `sdrt bench` reports ("sdrt-<name>"):
 
 - `cpu`: ONNX Runtime's CPU provider on the fp32 graphs (the fp16 ones if the dir has no fp32 graph);
+- `openvino`: OpenVINO's CPU plugin on the same graphs, in bf16 where the CPU has it (backend_openvino.py;
+  the `sdrt[openvino]` extra);
 - `cuda`: onnxruntime-gpu's CUDA provider on the fp16 graphs, with IO binding (backend_cuda.py);
 - `tensorrt`: TensorRT engines built for this GPU (backend_tensorrt.py);
-- `auto`: tensorrt, then cuda, then cpu: the first that this machine and this engine dir can run.
+- `auto`: tensorrt, then cuda, then openvino, then cpu: the first that this machine and this engine dir can run.
+  On a CPU machine that is OpenVINO where it is installed, else ONNX Runtime.
 
 A GPU backend that cannot run here says why in one line (`unavailable`), which `sdrt doctor` shows too.
 """
@@ -22,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .engines import ROWS_PER_IMAGE
 from .errors import UserError
-from .manifest import Component, Manifest
+from .manifest import VAE_ENCODER, Component, Manifest
 
-BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
-GPU_BACKENDS = ("tensorrt", "cuda")  # in `auto`'s order of preference
+BACKENDS = ("auto", "cpu", "openvino", "cuda", "tensorrt")
+GPU_BACKENDS = ("tensorrt", "cuda")  # in `auto`'s order of preference, before openvino and cpu
+CPU_BACKENDS = ("openvino", "cpu")
 
 
 def check_feeds(name: str, component: Component, feeds: dict[str, np.ndarray]) -> None:
@@ -62,39 +67,77 @@ def checked(manifest: Manifest, name: str, feeds: dict[str, np.ndarray]) -> Comp
     return component
 
 
+# The largest attention score matrix ONNX Runtime's CPU kernel may build for one image (its guided batch), bytes.
+# Larger ones are split into query chunks at load (kernels/chunked_attention.py): SD 1.5 at 1024x1024 would
+# otherwise build 16 GiB per self-attention. Measured: chunked attention is no slower than whole.
+ATTENTION_BUDGET = 128 * 2**20
+
+
+def attention_shapes(component: Component, rows: int) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """A component's graph input shapes at its smallest size with one row and at its largest with `rows`."""
+    def at(which: str, batch: int) -> dict[str, list[int]]:
+        return {t.name: [d if isinstance(d, int) else batch if d == "batch" else getattr(component.axes[d], which)
+                         for d in t.shape] for t in component.inputs}
+
+    return at("min", 1), at("max", rows)
+
+
 class OrtBackend:
     """One ONNX Runtime session per component, created once, on the CPU execution provider.
 
-    The optimized graph is cached beside the original (keyed by ONNX Runtime version), so a second load skips
-    graph optimization. A read-only engine dir just runs without the cache.
+    The optimized graph is cached beside the original (keyed by ONNX Runtime version and the attention budget),
+    so a second load skips graph optimization and the attention pass. A read-only engine dir just runs without
+    the cache. The VAE encoder's session is made on its first call: text-to-image never holds it.
     """
 
     name = "ort-cpu"  # what benchmarks call it
     provider = "CPUExecutionProvider"
 
-    def __init__(self, engine_dir: Path, manifest: Manifest, threads: int = 0):
+    def __init__(self, engine_dir: Path, manifest: Manifest, threads: int = 0,
+                 attention_budget: int | None = ATTENTION_BUDGET, lazy: tuple[str, ...] = (VAE_ENCODER,)):
         import onnxruntime as ort
 
         self._ort = ort
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.threads = threads or os.cpu_count() or 1
-        self.sessions = {name: self._session(name, c) for name, c in manifest.components.items()}
+        self.attention_budget = attention_budget
+        self.sessions = {name: self._session(name, c) for name, c in manifest.components.items() if name not in lazy}
 
     def _options(self):
         opts = self._ort.SessionOptions()
         opts.intra_op_num_threads = self.threads  # one op at a time uses every core: no inter-op pool
         opts.inter_op_num_threads = 1
         opts.execution_mode = self._ort.ExecutionMode.ORT_SEQUENTIAL
+        # No memory pattern: it plans one block per input shape and keeps each, which doubled the VAE decoder's
+        # peak on its second call (SD 1.5, 512x512: 1.56 -> 2.63 GiB) and gained nothing measurable; the arena
+        # stays (without it the VAE decoder ran 35% slower). benchmarks/results/cpu_memory.md has the table.
+        opts.enable_mem_pattern = False
         opts.log_severity_level = 3
         return opts
+
+    def _chunked(self, name: str, component: Component, model: Path) -> bytes | None:
+        """The graph with its large attentions chunked (serialized, weights still external), or None if no
+        attention can exceed the budget."""
+        if self.attention_budget is None or not component.graph("fp32", "fp16").op_counts.get("Attention"):
+            return None
+        import onnx
+
+        from ..kernels.chunked_attention import chunk_attention
+
+        graph = onnx.load(str(model), load_external_data=False)
+        smallest, largest = attention_shapes(component, ROWS_PER_IMAGE.get(name, 1))
+        chunked, report = chunk_attention(graph, smallest, largest, self.attention_budget)
+        return chunked.SerializeToString() if report.changed else None
 
     def _session(self, name: str, component: Component):
         artifact = component.graph("fp32", "fp16")  # ORT's CPU provider computes most fp16 ops in fp32 anyway
         model = self.engine_dir / artifact.file
         if not model.is_file():
             raise UserError(f"{name}: {artifact.file} is missing from {self.engine_dir}")
-        cache = model.with_name(f"{model.stem}.ort-{self._ort.__version__}-cpu.onnx")
+        budget = self.attention_budget
+        budget = "" if budget is None else f"-attn{budget >> 20}m" if budget % 2**20 == 0 else f"-attn{budget}b"
+        cache = model.with_name(f"{model.stem}.ort-{self._ort.__version__}-cpu{budget}.onnx")
         opts = self._options()
         if cache.is_file() and cache.stat().st_mtime >= model.stat().st_mtime:
             # Already optimized: only the cheap basic passes, no second rewrite.
@@ -105,8 +148,12 @@ class OrtBackend:
                 cache.unlink(missing_ok=True)
                 opts = self._options()
         opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        chunked = self._chunked(name, component, model)
+        source = str(model) if chunked is None else chunked
+        if chunked is not None:  # from bytes: ORT finds the external weights beside the original file
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.parent))
         if not os.access(model.parent, os.W_OK):
-            return self._ort.InferenceSession(str(model), opts, providers=[self.provider])
+            return self._ort.InferenceSession(source, opts, providers=[self.provider])
         # ORT writes the cache as it optimizes: into a private folder, then renamed into place (data file first),
         # so a process loading the same dir at the same time (server replicas) never reads a half-written cache.
         staging = Path(tempfile.mkdtemp(prefix=".ort-cache-", dir=model.parent))
@@ -117,7 +164,7 @@ class OrtBackend:
                                               cache.name + ".data")
                 opts.add_session_config_entry(
                     "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-            session = self._ort.InferenceSession(str(model), opts, providers=[self.provider])
+            session = self._ort.InferenceSession(source, opts, providers=[self.provider])
             for name in (cache.name + ".data", cache.name):
                 if (staging / name).is_file():
                     os.replace(staging / name, cache.parent / name)
@@ -127,7 +174,14 @@ class OrtBackend:
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         component = checked(self.manifest, name, feeds)
-        return self.sessions[name].run([t.name for t in component.outputs], feeds)
+        return self.session(name, component).run([t.name for t in component.outputs], feeds)
+
+    def session(self, name: str, component: Component):
+        """The component's session, made now if it was left for its first call."""
+        session = self.sessions.get(name)
+        if session is None:
+            session = self.sessions[name] = self._session(name, component)
+        return session
 
 
 class TimedBackend:
@@ -150,6 +204,10 @@ def unavailable(kind: str, engine_dir: Path | None = None, manifest: Manifest | 
     """None if backend `kind` can run here (and run this engine dir, if given), else the one-line reason."""
     if kind == "cpu":
         return None
+    if kind == "openvino":
+        from .backend_openvino import openvino_problem
+
+        return openvino_problem()
     from . import gpu
 
     if kind not in GPU_BACKENDS:
@@ -167,21 +225,38 @@ def unavailable(kind: str, engine_dir: Path | None = None, manifest: Manifest | 
 
 
 def resolve(kind: str, engine_dir: Path, manifest: Manifest) -> str:
-    """The backend `auto` stands for here: the first of tensorrt, cuda, cpu that can run this engine dir."""
+    """The backend `auto` stands for here: the first of tensorrt, cuda, openvino, cpu that can run this engine
+    dir."""
     if kind != "auto":
         return kind
-    return next((k for k in GPU_BACKENDS if unavailable(k, engine_dir, manifest) is None), "cpu")
+    return next((k for k in (*GPU_BACKENDS, "openvino") if unavailable(k, engine_dir, manifest) is None), "cpu")
 
 
-def make_backend(kind: str, engine_dir: Path, manifest: Manifest, build: bool = False):
+def make_backend(kind: str, engine_dir: Path, manifest: Manifest, build: bool = False, cpu_precision: str = "auto",
+                 static=None):
     """The backend `kind` on this engine dir. A GPU backend that cannot run here is a one-line UserError;
-    `build` lets the tensorrt backend build the engines this GPU lacks (with progress) instead of refusing."""
+    `build` lets the tensorrt backend build the engines this GPU lacks (with progress) instead of refusing.
+    `cpu_precision` ("auto", "f32", "bf16") and `static` (a backend_openvino.StaticShape) are the openvino
+    backend's; ONNX Runtime's CPU provider computes in f32 and refuses "bf16"."""
     if kind not in BACKENDS:
         raise UserError(f"unknown backend '{kind}' (available: {', '.join(BACKENDS)})")
     if kind == "auto":  # resolve() has already checked the backend it picks
         kind = resolve(kind, engine_dir, manifest)
     elif problem := unavailable(kind, None if build else engine_dir, manifest):
         raise UserError(problem)
+    from .backend_openvino import PRECISIONS
+
+    if cpu_precision not in PRECISIONS:
+        raise UserError(f"unknown CPU precision '{cpu_precision}' (choose from: {', '.join(PRECISIONS)})")
+    if static is not None and kind != "openvino":
+        raise UserError(f"a static size is the openvino backend's (this is {kind}; TensorRT: sdrt build --static)")
+    if kind == "openvino":
+        from .backend_openvino import OpenVinoBackend
+
+        return OpenVinoBackend(engine_dir, manifest, cpu_precision, static=static)
+    if cpu_precision == "bf16":
+        raise UserError(f"--cpu-precision bf16 needs the openvino backend (this is {kind}): pip install "
+                        "'sdrt[openvino]' and use --backend openvino or auto")
     if kind == "cpu":
         return OrtBackend(engine_dir, manifest)
     if kind == "cuda":

@@ -100,7 +100,7 @@ class OrtCudaBackend(OrtBackend):
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         component = checked(self.manifest, name, feeds)
-        session = self.sessions[name]
+        session = self.session(name, component)
         binding = session.io_binding()
 
         def upload(array):

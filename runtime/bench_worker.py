@@ -51,6 +51,8 @@ class BenchSettings:
     strength: float
     guidance_rescale: float = 0.0  # the engine dir's recommendation; the baseline applies it too
     checkpoint_options: dict = field(default_factory=dict)  # how the export read it (SourceOptions fields)
+    cpu_precision: str = "auto"  # sdrt's openvino backend
+    vae_tiling: bool = False  # every contender decodes in tiles (diffusers: vae.enable_tiling())
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -106,7 +108,7 @@ class SdrtContender:
         from .pipeline import Pipeline
 
         self.s = settings
-        self.pipe = Pipeline.load(settings.engine_dir, backend=backend)
+        self.pipe = Pipeline.load(settings.engine_dir, backend=backend, cpu_precision=settings.cpu_precision)
         self.name = f"sdrt-{self.pipe.backend.name}"
         self.image = images.load_image(Path(settings.init_image)) if settings.init_image else None
         self.calls: list[tuple[str, float]] = []
@@ -127,7 +129,7 @@ class SdrtContender:
         self.pipe(s.prompt, s.negative_prompt or None, steps=s.steps, guidance_scale=s.guidance_scale,
                   guidance_rescale=s.guidance_rescale,
                   scheduler=s.scheduler, seed=seed, height=s.height, width=s.width, num_images_per_prompt=s.batch,
-                  image=self.image, strength=s.strength, output_type="np")
+                  image=self.image, strength=s.strength, output_type="np", vae_tiling=s.vae_tiling)
         return stage_times(self.calls, time.perf_counter() - t)
 
     def first_unet_output(self, latents: np.ndarray) -> np.ndarray:

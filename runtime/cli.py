@@ -135,6 +135,14 @@ def _add_inspect(sub) -> None:
     p.set_defaults(run=_run_inspect)
 
 
+def _add_cpu_precision(p) -> None:
+    from .backend_openvino import PRECISIONS
+
+    p.add_argument("--cpu-precision", choices=PRECISIONS, default="auto",
+                   help="openvino backend: bf16 (bfloat16 matrix products, about twice as fast; needs avx512_bf16 or "
+                   "AMX), f32, or auto: bf16 where the CPU has it, else f32. ONNX Runtime (cpu) computes in f32")
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser(
         "generate",
@@ -172,9 +180,11 @@ def _add_generate(sub) -> None:
                    "512 px) when the image is larger, as diffusers' enable_vae_tiling: less VAE memory, an image "
                    "that differs slightly")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="engine backend: cpu (ONNX Runtime), cuda (onnxruntime-gpu on the fp16 graphs), tensorrt "
-                   "(engines from `sdrt build`), or auto: the first of tensorrt, cuda, cpu that can run here "
-                   "(`sdrt doctor ENGINE_DIR` says which and why)")
+                   help="engine backend: cpu (ONNX Runtime), openvino (OpenVINO on the CPU, bf16 where the CPU has "
+                   "it; sdrt[openvino]), cuda (onnxruntime-gpu on the fp16 graphs), tensorrt (engines from `sdrt "
+                   "build`), or auto: the first of tensorrt, cuda, openvino, cpu that can run here (`sdrt doctor "
+                   "ENGINE_DIR` says which and why)")
+    _add_cpu_precision(p)
     p.add_argument("-o", "--out", type=Path, default=Path("sdrt.png"), metavar="OUT.png", help="output PNG")
     p.set_defaults(run=_run_generate)
 
@@ -189,7 +199,8 @@ def _run_generate(args) -> int:
         engine_dir=args.engine_dir, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=seed, height=args.height,
         width=args.width, num_images=args.num_images, init_image=args.init_image, strength=args.strength,
-        backend=args.backend, out=args.out, guidance_rescale=args.guidance_rescale, vae_tiling=args.vae_tiling))
+        backend=args.backend, out=args.out, guidance_rescale=args.guidance_rescale, vae_tiling=args.vae_tiling,
+        cpu_precision=args.cpu_precision))
     for path in paths:
         print(path)
     return 0
@@ -240,6 +251,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt every run draws")
     p.add_argument("--runs", type=int, default=3, help="measured runs per contender")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs per contender after the first image")
+    _add_cpu_precision(p)
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="every contender decodes in tiles (sdrt's vae_tiling, diffusers' vae.enable_tiling())")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the report as JSON here")
     p.set_defaults(run=_run_bench)
 
@@ -253,7 +267,8 @@ def _run_bench(args) -> int:
         engine_dir=args.engine_dir, backends=tuple(args.backend), baseline=args.baseline, checkpoint=args.checkpoint,
         height=args.height, width=args.width, batch=args.batch, steps=args.steps, scheduler=args.scheduler,
         guidance_scale=args.guidance, init_image=args.init_image, strength=args.strength, prompt=args.prompt,
-        runs=args.runs, warmup=args.warmup, command=" ".join(["sdrt", *sys.argv[1:]])))
+        runs=args.runs, warmup=args.warmup, command=" ".join(["sdrt", *sys.argv[1:]]),
+        cpu_precision=args.cpu_precision, vae_tiling=args.vae_tiling))
     if args.json is not None:  # written whole or not at all
         partial = args.json.with_name(f".{args.json.name}.partial")
         partial.write_text(json.dumps(report, indent=2) + "\n")
@@ -338,6 +353,40 @@ def _run_doctor(args) -> int:
     return 0
 
 
+def _add_warmup(sub) -> None:
+    from .backend import CPU_BACKENDS
+
+    p = sub.add_parser(
+        "warmup",
+        help="build the CPU backends' load caches of an engine dir, and time its cold start",
+        description="Load ENGINE_DIR on each CPU backend once, building what a first load builds (ONNX Runtime's "
+        "optimized graphs beside each graph, OpenVINO's compiled models in openvino-cache/), draw one image, then "
+        "load again from those caches and draw again: prints the load and first-image times of both. Run it at "
+        "deploy time so that every later load is the fast one.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR", help="engine dir written by sdrt export")
+    p.add_argument("--backend", nargs="+", choices=("auto", *CPU_BACKENDS), default=["auto"], metavar="NAME",
+                   help=f"CPU backends to warm, from: auto, {', '.join(CPU_BACKENDS)} (auto: openvino where it is "
+                   "installed, else cpu)")
+    _add_cpu_precision(p)
+    p.add_argument("--steps", type=int, default=1, help="denoising steps of each timed image")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the timings as JSON here")
+    p.set_defaults(run=_run_warmup)
+
+
+def _run_warmup(args) -> int:
+    from .warmup import warmup
+
+    report = warmup(args.engine_dir, tuple(args.backend), args.cpu_precision, args.steps,
+                    log=lambda line: print(line, file=sys.stderr, flush=True))
+    text = json.dumps(report, indent=2)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
@@ -356,6 +405,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="engine backend, as for sdrt generate")
+    _add_cpu_precision(p)
     p.add_argument("--queue-size", type=int, default=16,
                    help="jobs that may wait; one more gets 503 with Retry-After")
     p.add_argument("--max-batch", type=int, default=None,
@@ -414,7 +464,7 @@ def _run_serve(args) -> int:
                           api_key=args.api_key or os.environ.get("SDRT_API_KEY") or None,
                           max_body_mb=args.max_body_mb, max_images=args.max_images, max_steps=args.max_steps,
                           build=args.build, ui=not args.no_ui, allowed_origins=args.allow_origin,
-                          allowed_hosts=args.allow_host)
+                          allowed_hosts=args.allow_host, cpu_precision=args.cpu_precision)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server handles it: drain, then exit 0
     if args.ray:
         from .serve.ray import run_ray
@@ -458,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_doctor(sub)
     _add_serve(sub)
+    _add_warmup(sub)
     return parser
 
 

@@ -30,6 +30,7 @@ class GenerateRequest:
     out: Path
     guidance_rescale: float | None = None
     vae_tiling: bool = False  # diffusers' enable_vae_tiling (runtime/vae_tiling.py)
+    cpu_precision: str = "auto"  # the openvino backend's (runtime/backend_openvino.py)
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
@@ -58,7 +59,7 @@ def generate(req: GenerateRequest) -> list[Path]:
     if not req.out.parent.is_dir():
         raise UserError(f"output folder {req.out.parent} does not exist")
 
-    pipe = Pipeline.load(req.engine_dir, backend=req.backend)
+    pipe = Pipeline.load(req.engine_dir, backend=req.backend, cpu_precision=req.cpu_precision)
     settings = asked.over(pipe.defaults)
     request = pipe.request(req.prompt, req.negative_prompt or None, steps=settings.steps,
                            guidance_scale=settings.guidance_scale, scheduler=settings.scheduler, height=h, width=w,

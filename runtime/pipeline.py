@@ -120,8 +120,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, engine_dir, backend: str = "auto", build: bool = False,
-             observe: Callable[[str, float], None] | None = None) -> Pipeline:
-        """Load an engine dir on `backend` ("auto", "cpu", "cuda", "tensorrt"; see runtime/backend.py).
+             observe: Callable[[str, float], None] | None = None, cpu_precision: str = "auto",
+             static_size: tuple[int, int, int] | None = None) -> Pipeline:
+        """Load an engine dir on `backend` ("auto", "cpu", "openvino", "cuda", "tensorrt"; see runtime/backend.py).
+
+        `cpu_precision` ("auto", "f32", "bf16") is the openvino backend's: auto takes bf16 where the CPU has it.
+        `static_size` (height, width, images per call) fixes the openvino backend's UNet to one size.
 
         `build=True` lets the tensorrt backend build the engines this GPU lacks, with progress on stderr (minutes);
         without it a missing engine is an error that says to run `sdrt build`. Nothing is ever built silently.
@@ -136,7 +140,13 @@ class Pipeline:
         toks = {name: PromptTokenizer(engine_dir / t["file"], t["max_length"])
                 for name, t in manifest.tokenizers.items() if name in manifest.conditioning.text_encoders}
         sched = manifest_scheduler_config(engine_dir, manifest)
-        engines = make_backend(backend, engine_dir, manifest, build=build)
+        static = None
+        if static_size is not None:
+            from .backend_openvino import StaticShape
+
+            static = StaticShape(*static_size)
+            check_size(manifest, static.height, static.width)
+        engines = make_backend(backend, engine_dir, manifest, build=build, cpu_precision=cpu_precision, static=static)
         return cls(engine_dir, manifest, engines if observe is None else TimedBackend(engines, observe), toks, sched)
 
     # -- settings -------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ benchmarks/compare.py. No test asserts a speed."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -22,7 +23,8 @@ TXT2IMG_STAGES = {"text_encoder", "unet_step", "vae_decoder", "overhead"}
 
 
 def _bench(engine: Path, out: Path, *args: str) -> dict:
-    r = run_sdrt("bench", str(engine), "--baseline", "diffusers", "--steps", "2", "--json", str(out), *args)
+    r = run_sdrt("bench", str(engine), "--baseline", "diffusers", "--steps", "2", "--json", str(out),
+                 *(() if "--backend" in args else ("--backend", "cpu")), *args)
     assert r.returncode == 0, r.stderr
     assert "end to end" in r.stdout and "ratio" in r.stdout  # the table
     assert "run 1/" in r.stderr  # progress
@@ -145,13 +147,26 @@ def test_compare_renders_a_table_and_a_chart(report_file, tmp_path):
 
 
 def test_without_baseline_and_one_contender_per_backend(tiny_engine, tmp_path):
-    """No baseline: no ratios and no weight check. "auto" resolves to the CPU backend, so it is measured once."""
+    """No baseline: no ratios and no weight check. "auto" resolves to the CPU backend (OpenVINO where it is
+    installed), so it is measured once."""
     out = tmp_path / "r.json"
-    r = run_sdrt("bench", str(tiny_engine), "--backend", "auto", "cpu", "--steps", "2", "--runs", "1", "--warmup",
-                 "0", "--json", str(out))
+    cpu, name = ("openvino", "sdrt-openvino-f32") if importlib.util.find_spec("openvino") else ("cpu", SDRT)
+    r = run_sdrt("bench", str(tiny_engine), "--backend", "auto", cpu, "--cpu-precision", "f32", "--steps", "2",
+                 "--runs", "1", "--warmup", "0", "--json", str(out))
     assert r.returncode == 0, r.stderr
-    assert "cpu is sdrt-ort-cpu, already measured" in r.stderr
+    assert f"{cpu} is {name}, already measured" in r.stderr
     report = json.loads(out.read_text())
-    assert [x["name"] for x in report["results"]] == [SDRT]
+    assert [x["name"] for x in report["results"]] == [name]
     assert report["ratios"] == {} and report["same_weights"] is None and "torch" not in report["versions"]
     _check_result(report["results"][0], TXT2IMG_STAGES, runs=1)
+
+
+def test_same_weights_bar_follows_the_coarser_precision():
+    from sdrt.runtime.bench import SAME_WEIGHTS_BF16, SAME_WEIGHTS_FP16, SAME_WEIGHTS_FP32, tolerance
+
+    assert tolerance("diffusers-torch-fp32", "sdrt-ort-cpu") == SAME_WEIGHTS_FP32
+    assert tolerance("diffusers-torch-fp16-sdpa", "sdrt-tensorrt") == SAME_WEIGHTS_FP16
+    assert tolerance("diffusers-torch-fp32", "sdrt-openvino-bf16") == SAME_WEIGHTS_BF16
+    assert tolerance("diffusers-torch-fp32", "sdrt-openvino-f32") == SAME_WEIGHTS_FP32
+    # Still far below what other weights miss by (the size of the output itself).
+    assert SAME_WEIGHTS_BF16[1] < 0.1

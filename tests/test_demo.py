@@ -34,17 +34,22 @@ def _engine(tmp_path_factory, name, *loras):
 
 
 @pytest.fixture(scope="module")
-def base_pipe(tmp_path_factory):
+def demo_engine(tmp_path_factory):
+    return _engine(tmp_path_factory, "demo-engine")
+
+
+@pytest.fixture(scope="module")
+def base_pipe(demo_engine):
     from sdrt.runtime import Pipeline
 
-    return Pipeline.load(_engine(tmp_path_factory, "demo-engine"))
+    return Pipeline.load(demo_engine, "cpu")
 
 
 @pytest.fixture(scope="module")
 def lora_pipe(tmp_path_factory):
     from sdrt.runtime import Pipeline
 
-    return Pipeline.load(_engine(tmp_path_factory, "demo-sks-engine", LORA_FILE))
+    return Pipeline.load(_engine(tmp_path_factory, "demo-sks-engine", LORA_FILE), "cpu")
 
 
 def _verdicts(pipe, cases):
@@ -64,6 +69,23 @@ def test_demo_draws_what_it_is_asked(base_pipe):
     shape = sum(v.shape == c[3] for v, c in zip(verdicts, BASE_CASES)) / len(BASE_CASES)
     assert colour >= MIN_COLOUR_ACCURACY, seen
     assert shape >= MIN_SHAPE_ACCURACY, seen
+
+
+def test_demo_draws_what_it_is_asked_in_bf16(demo_engine):
+    """OpenVINO's bf16 (8-bit mantissa) keeps the pictures right: the same bars as fp32."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'sdrt[openvino]')")
+    from sdrt.runtime import Pipeline
+    from sdrt.runtime.backend_openvino import native_bf16
+    from training.evaluate import BASE_CASES
+
+    if not native_bf16():
+        pytest.skip("this CPU has no native bf16 (avx512_bf16 or AMX)")
+    pipe = Pipeline.load(demo_engine, "openvino", cpu_precision="bf16")
+    assert pipe.backend.name == "openvino-bf16"
+    verdicts = _verdicts(pipe, BASE_CASES)
+    seen = [(c[0], v.colour, v.shape) for c, v in zip(BASE_CASES, verdicts)]
+    assert sum(v.colour == c[2] for v, c in zip(verdicts, BASE_CASES)) / len(BASE_CASES) >= MIN_COLOUR_ACCURACY, seen
+    assert sum(v.shape == c[3] for v, c in zip(verdicts, BASE_CASES)) / len(BASE_CASES) >= MIN_SHAPE_ACCURACY, seen
 
 
 def test_lora_teaches_the_concept(base_pipe, lora_pipe):

@@ -202,9 +202,14 @@ def _machine(monkeypatch, gpu_present=True, tensorrt=None, ort_cuda=False):
                         lambda: None if ort_cuda else "the cuda backend needs onnxruntime-gpu")
 
 
-def test_auto_prefers_tensorrt_then_cuda_then_cpu(engine_dir, monkeypatch):
+def test_auto_prefers_tensorrt_then_cuda_then_openvino_then_cpu(engine_dir, monkeypatch):
+    from sdrt.runtime import backend_openvino
+
     m = Manifest.load(engine_dir)
     _machine(monkeypatch, gpu_present=False)
+    monkeypatch.setattr(backend_openvino, "openvino_problem", lambda: None)
+    assert backend.resolve("auto", engine_dir, m) == "openvino"
+    monkeypatch.setattr(backend_openvino, "openvino_problem", lambda: "the openvino backend needs OpenVINO")
     assert backend.resolve("auto", engine_dir, m) == "cpu"
     assert "needs an NVIDIA GPU: no driver" in backend.unavailable("cuda", engine_dir, m)
     _machine(monkeypatch, tensorrt="11.4.0.106", ort_cuda=True)
@@ -254,7 +259,7 @@ def test_cuda_bindings_without_driver():
 def test_pipeline_marks_conditioning_read_only(tiny_engine, monkeypatch):
     from sdrt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(tiny_engine)
+    pipe = Pipeline.load(tiny_engine, "cpu")
     seen = []
     run = pipe.backend.run
 
@@ -297,6 +302,7 @@ def test_doctor_json(tiny_engine):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["gpus"] == [] and d["gpu_problem"] and d["backends"]["cpu"] is None
-    assert d["engine_dir"]["auto"] == "cpu" and d["engine_dir"]["graphs"] == ["fp32"]
+    cpu = "cpu" if d["backends"]["openvino"] else "openvino"  # auto takes OpenVINO where it is installed
+    assert d["engine_dir"]["auto"] == cpu and d["engine_dir"]["graphs"] == ["fp32"]
     assert "cuda backend needs an NVIDIA GPU" in d["engine_dir"]["backends"]["cuda"]
     assert run_sdrt("doctor", str(tiny_engine / "nope")).returncode == 2

@@ -84,19 +84,19 @@ def _txt2img_parity(kind: str, ckpt, pipe, prompt, negative, latents: np.ndarray
 @pytest.fixture(scope="module")
 def sd2v(family_engine):
     ckpt, engine = family_engine("tiny-sd2-v")
-    return ckpt, Pipeline.load(engine)
+    return ckpt, Pipeline.load(engine, "cpu")
 
 
 @pytest.fixture(scope="module")
 def sdxl(family_engine):
     ckpt, engine = family_engine("tiny-sdxl")
-    return ckpt, Pipeline.load(engine)
+    return ckpt, Pipeline.load(engine, "cpu")
 
 
 @pytest.fixture(scope="module")
 def taiyi(family_engine):
     ckpt, engine = family_engine("tiny-taiyi")
-    return ckpt, Pipeline.load(engine)
+    return ckpt, Pipeline.load(engine, "cpu")
 
 
 # --- SD 2.x ----------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def test_sd2_manifest_and_tokenizer(sd2v, family_engine):
 
 def test_sd2_base_matches_diffusers(family_engine):
     ckpt, engine = family_engine("tiny-sd2")
-    _txt2img_parity("StableDiffusionPipeline", ckpt, Pipeline.load(engine), "a red circle", "blurry",
+    _txt2img_parity("StableDiffusionPipeline", ckpt, Pipeline.load(engine, "cpu"), "a red circle", "blurry",
                     _latents(3, 1, 64, 64))
 
 
@@ -275,7 +275,7 @@ def test_seed_case_taiyi_attn_procs_lora_50_steps(taiyi, tmp_path):
     merged = {"unet": copy.deepcopy(unet)}
     textbook_merge(merged, entries, 1.0)
     latents = _latents(1, 1, 64, 64)
-    ours = Pipeline.load(tmp_path / "eng")("宝可梦，皮卡丘", steps=50, guidance_scale=7.5, latents=latents,
+    ours = Pipeline.load(tmp_path / "eng", "cpu")("宝可梦，皮卡丘", steps=50, guidance_scale=7.5, latents=latents,
                                            output_type="np")
     theirs = _reference("StableDiffusionPipeline", ckpt, unet=merged["unet"])(
         "宝可梦，皮卡丘", num_inference_steps=50, guidance_scale=7.5, latents=torch.from_numpy(latents),
@@ -289,7 +289,7 @@ def test_seed_case_taiyi_attn_procs_lora_50_steps(taiyi, tmp_path):
 # --- refusals --------------------------------------------------------------------------------------
 
 def test_micro_conditioning_is_sdxl_only(tiny_engine):
-    pipe = Pipeline.load(tiny_engine)
+    pipe = Pipeline.load(tiny_engine, "cpu")
     with pytest.raises(UserError, match="SDXL engines only"):
         pipe("a red circle", steps=1, original_size=(64, 64), output_type="np")
     with pytest.raises(UserError, match="crops_coords_top_left must be two non-negative integers"):
@@ -347,8 +347,8 @@ def test_version_1_engine_dirs_still_run(tiny_engine, tiny_checkpoint, tmp_path)
     m = Manifest.load(old)
     assert m.conditioning == Manifest.load(tiny_engine).conditioning and m.vae.scaling_factor == pytest.approx(0.18215)
     for name in ("ddim", "pndm"):  # clip_sample and steps_offset matter to these
-        a = Pipeline.load(old)("a red circle", steps=4, scheduler=name, seed=1, output_type="np")
-        b = Pipeline.load(tiny_engine)("a red circle", steps=4, scheduler=name, seed=1, output_type="np")
+        a = Pipeline.load(old, "cpu")("a red circle", steps=4, scheduler=name, seed=1, output_type="np")
+        b = Pipeline.load(tiny_engine, "cpu")("a red circle", steps=4, scheduler=name, seed=1, output_type="np")
         assert np.array_equal(a, b)
     d["format_version"] = 3
     (old / MANIFEST_FILE).write_text(json.dumps(d))

@@ -229,3 +229,33 @@ def test_tiny_unet_fits_the_budget_and_keeps_its_output(tiny_unet, budget):
         whole, parts = _run(str(path), feeds), _run(chunked, feeds)
         assert np.abs(parts - whole).max() <= FP32_ATOL * max(1.0, float(np.abs(whole).max()))
 
+
+
+def test_ort_backend_chunks_at_load_and_keys_its_cache(tiny_engine, tmp_path):
+    """The CPU backend applies the pass when it loads a graph: same outputs, a cache named by the budget that holds
+    the chunked graph, and a second load that reads that cache."""
+    import shutil
+
+    from sdrt.runtime.backend import OrtBackend
+    from sdrt.runtime.manifest import Manifest
+
+    engine = tmp_path / "engine"
+    shutil.copytree(tiny_engine, engine, ignore=shutil.ignore_patterns("*.ort-*"))
+    manifest = Manifest.load(engine)
+    rng = np.random.default_rng(0)
+    h = w = manifest.components["unet"].axes["latent_height"].max
+    feeds = {"sample": rng.standard_normal((2, 4, h, w), dtype=np.float32),
+             "timestep": np.full(2, 300, np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    (whole,) = OrtBackend(engine, manifest, attention_budget=None).run("unet", feeds)
+    budget = 1024  # bytes: the tiny UNet's self-attentions (up to 256 tokens) are far over it
+    (chunked,) = OrtBackend(engine, manifest, attention_budget=budget).run("unet", feeds)
+    assert np.abs(chunked - whole).max() <= FP32_ATOL
+    caches = sorted(p.name for p in (engine / "unet").glob("model.ort-*.onnx"))
+    assert len(caches) == 2 and any(name.endswith("-attn1024b.onnx") for name in caches)
+    cached = onnx.load(str(next((engine / "unet").glob("model.ort-*-attn1024b.onnx"))), load_external_data=False)
+    original = onnx.load(str(engine / "unet" / "model.onnx"), load_external_data=False)
+    count = lambda m: sum(n.op_type == "Attention" for n in m.graph.node)  # noqa: E731
+    assert count(cached) > count(original)
+    (again,) = OrtBackend(engine, manifest, attention_budget=budget).run("unet", feeds)
+    assert np.array_equal(again, chunked)

@@ -221,7 +221,7 @@ def test_lcm_style_lora_runs_end_to_end(tiny_checkpoint, tiny_modules, tiny_engi
     export(ExportOptions(checkpoint=str(tiny_checkpoint), out=tmp_path / "eng", loras=(LoraSpec(path),)),
            log=lambda s: None)
     kwargs = dict(steps=4, guidance_scale=1.0, scheduler="lcm", seed=0, output_type="np")
-    merged = Pipeline.load(tmp_path / "eng")("a red circle", **kwargs)
-    base = Pipeline.load(tiny_engine)("a red circle", **kwargs)
+    merged = Pipeline.load(tmp_path / "eng", "cpu")("a red circle", **kwargs)
+    base = Pipeline.load(tiny_engine, "cpu")("a red circle", **kwargs)
     assert merged.shape == base.shape == (1, 64, 64, 3) and np.isfinite(merged).all()
     assert float(np.abs(merged - base).max()) > 0.05  # a LoRA that changes nothing is a bug

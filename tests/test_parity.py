@@ -35,7 +35,7 @@ def test_every_scheduler_is_covered():
 
 @pytest.fixture(scope="module")
 def sdrt_pipe(tiny_engine):
-    return Pipeline.load(tiny_engine)
+    return Pipeline.load(tiny_engine, "cpu")
 
 
 def _scheduler(ckpt, name):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_sdrt, unet_batches
-from sdrt.runtime.backend import OrtBackend, check_feeds
+from sdrt.runtime.backend import ATTENTION_BUDGET, OrtBackend, check_feeds
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.manifest import Manifest
 
@@ -55,12 +55,20 @@ def test_optimized_model_cache(tiny_engine, tmp_path):
     shutil.copytree(tiny_engine, engine)
     m = Manifest.load(engine)
     OrtBackend(engine, m)
-    caches = sorted(p.relative_to(engine).as_posix() for p in engine.glob("*/model.ort-*-cpu.onnx"))
-    assert caches == [f"{name}/model.ort-{__import__('onnxruntime').__version__}-cpu.onnx" for name in sorted(m.components)]
+
+    def caches():
+        return sorted(p.relative_to(engine).as_posix() for p in engine.glob("*/model.ort-*.onnx"))
+
+    key = f"ort-{__import__('onnxruntime').__version__}-cpu-attn{ATTENTION_BUDGET >> 20}m"
+    # The VAE encoder is loaded on its first call (image-to-image): text-to-image never holds it.
+    assert caches() == [f"{name}/model.{key}.onnx" for name in sorted(m.components) if name != "vae_encoder"]
     backend = OrtBackend(engine, m)  # second load reads the caches
     x = {"input_ids": np.zeros((1, 77), np.int64)}
     (out,) = backend.run("text_encoder", x)
     assert out.shape == (1, 77, 32) and np.isfinite(out).all()
+    assert "vae_encoder" not in backend.sessions
+    backend.run("vae_encoder", {"image": np.zeros((1, 3, 64, 64), np.float32)})
+    assert caches() == [f"{name}/model.{key}.onnx" for name in sorted(m.components)]
 
 
 def test_generate_writes_png_with_parameters(tiny_engine, tmp_path):

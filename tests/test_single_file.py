@@ -290,7 +290,7 @@ def engines(ldm, tmp_path_factory):
             f = ldm(name)
             out = tmp_path_factory.mktemp(f"{name}-engine") / "engine"
             export(ExportOptions(checkpoint=str(f.file), out=out, source=f.options()), log=lambda s: None)
-            built[name] = f, Pipeline.load(out)
+            built[name] = f, Pipeline.load(out, "cpu")
         return built[name]
 
     return get

@@ -318,7 +318,7 @@ async def _load(state: ServerState, pipeline: Pipeline | None, on_load_error) ->
         start = time.perf_counter()
         try:
             pipeline = await asyncio.to_thread(Pipeline.load, config.engine_dir, config.backend, config.build,
-                                               metrics.observe_engine)
+                                               metrics.observe_engine, config.cpu_precision)
         except Exception as e:  # noqa: BLE001 - reported on /ready and by the CLI
             state.load_error = str(e) if str(e) else type(e).__name__
             log.error("engine failed to load: %s", state.load_error)

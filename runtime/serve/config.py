@@ -44,6 +44,7 @@ class ServeConfig:
     allowed_origins: tuple[str, ...] = ()  # browser origins besides this server's own that may POST (guard.py)
     allowed_hosts: tuple[str, ...] = ()  # Host names besides loopback ones that a local_only server answers
     local_only: bool = False  # answer only requests addressed to a loopback name (server.serve sets it)
+    cpu_precision: str = "auto"  # the openvino backend's: auto, f32 or bf16
 
 
 def missing_modules(names=SERVE_MODULES) -> list[str]:
@@ -51,9 +52,9 @@ def missing_modules(names=SERVE_MODULES) -> list[str]:
 
 
 def on_cpu(backend: str) -> bool:
-    """Whether `backend` runs on the CPU here: cpu, or auto on a machine with no visible NVIDIA GPU."""
+    """Whether `backend` runs on the CPU here: cpu or openvino, or auto on a machine with no visible NVIDIA GPU."""
     if backend != "auto":
-        return backend == "cpu"
+        return backend in ("cpu", "openvino")
     from ..gpu import probe
 
     return probe().gpu is None
@@ -63,7 +64,7 @@ def serve_config(engine_dir: Path, *, backend: str = "auto", queue_size: int = 1
                  batch_wait: float = 0.02, timeout: float = 600.0, api_key: str | None = None,
                  max_body_mb: float = 50.0, max_images: int = 8, max_steps: int = 150,
                  build: bool = False, ui: bool = True, allowed_origins=(), allowed_hosts=(),
-                 check_engine: bool = True) -> ServeConfig:
+                 check_engine: bool = True, cpu_precision: str = "auto") -> ServeConfig:
     """A ServeConfig from flag values, refusing bad ones, an engine dir that cannot be served here (unless
     `check_engine` is False: Ray may build the app on a node that serves nothing), and a missing `serve` extra,
     each in one line. `max_batch` None: CPU_MAX_BATCH where the backend runs on the CPU, else GPU_MAX_BATCH."""
@@ -78,6 +79,10 @@ def serve_config(engine_dir: Path, *, backend: str = "auto", queue_size: int = 1
     for flag, value in (("--batch-wait", batch_wait), ("--timeout", timeout), ("--max-body-mb", max_body_mb)):
         if not (value >= 0 and math.isfinite(value)) or (flag != "--batch-wait" and value == 0):
             raise UserError(f"{flag} must be {'>= 0' if flag == '--batch-wait' else '> 0'}, got {value}")
+    from ..backend_openvino import PRECISIONS
+
+    if cpu_precision not in PRECISIONS:
+        raise UserError(f"--cpu-precision must be one of {', '.join(PRECISIONS)}, got {cpu_precision!r}")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key must not be empty")
     allowed_origins = (allowed_origins,) if isinstance(allowed_origins, str) else tuple(allowed_origins or ())
@@ -99,4 +104,4 @@ def serve_config(engine_dir: Path, *, backend: str = "auto", queue_size: int = 1
             raise UserError(problem)
     return ServeConfig(Path(engine_dir), backend, queue_size, max_batch, batch_wait, timeout, api_key,
                        int(max_body_mb * 1024 * 1024), Limits(max_images, max_steps), build, ui,
-                       origins, hosts)
+                       origins, hosts, cpu_precision=cpu_precision)

@@ -42,7 +42,7 @@ APP_NAME = "sdrt"
 REPLICA_HEADER = b"x-sdrt-replica"
 PROBE_TIMEOUT = 5.0  # seconds to reach a cluster's address before saying it cannot be reached
 RAY_ARGS = ("replicas", "max_replicas", "max_ongoing", "max_queued", "num_cpus", "num_gpus", "log_level")
-TEXT_ARGS = ("engine_dir", "backend", "api_key", "log_level")
+TEXT_ARGS = ("engine_dir", "backend", "api_key", "log_level", "cpu_precision")
 
 
 class ReplicaHeader:
@@ -75,7 +75,7 @@ class Replica:
         start = time.perf_counter()
         # A failure here fails the replica: Ray retries it, then reports the deployment failed (serve.run raises).
         self.pipeline = await asyncio.to_thread(Pipeline.load, config.engine_dir, config.backend, config.build,
-                                                self._observe)
+                                                self._observe, config.cpu_precision)
         self.load_seconds = time.perf_counter() - start
         log.info("replica loaded %s on %s in %.1f s", config.engine_dir, self.pipeline.backend.name,
                  self.load_seconds)
