@@ -27,7 +27,7 @@ import numpy as np
 
 from .engines import ROWS_PER_IMAGE
 from .errors import UserError
-from .manifest import VAE_ENCODER, Component, Manifest
+from .manifest import VAE_DECODER, VAE_ENCODER, Component, Manifest
 
 BACKENDS = ("auto", "cpu", "openvino", "cuda", "tensorrt")
 GPU_BACKENDS = ("tensorrt", "cuda")  # in `auto`'s order of preference, before openvino and cpu
@@ -69,8 +69,12 @@ def checked(manifest: Manifest, name: str, feeds: dict[str, np.ndarray]) -> Comp
 
 # The largest attention score matrix ONNX Runtime's CPU kernel may build for one image (its guided batch), bytes.
 # Larger ones are split into query chunks at load (kernels/chunked_attention.py): SD 1.5 at 1024x1024 would
-# otherwise build 16 GiB per self-attention. Measured: chunked attention is no slower than whole.
+# otherwise build 16 GiB per self-attention. Smaller chunks were faster, not slower: the SD 1.5 UNet at 1024x1024
+# ran a step in 59 s with a 512 MiB budget and 40 s with 128 MiB (64 MiB: 44 s; peak RSS the same). The count of
+# chunks is capped by the smallest size the engine takes (kernels/chunked_attention.py): SD 1.5's largest
+# self-attention gets 32 chunks of 512 MiB at 1024x1024.
 ATTENTION_BUDGET = 128 * 2**20
+NO_ARENA = (VAE_DECODER, VAE_ENCODER)  # components run without ONNX Runtime's memory arena (see _options)
 
 
 def attention_shapes(component: Component, rows: int) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
@@ -102,17 +106,25 @@ class OrtBackend:
         self.manifest = manifest
         self.threads = threads or os.cpu_count() or 1
         self.attention_budget = attention_budget
+        # Each session's arena gives its memory back after every call: otherwise the UNet's arena stays at its
+        # high-water mark while the VAE decoder grows its own, and the peaks add up. Measured on SD 1.5 at 512x512
+        # (one step and the decode): peak RSS 6.03 -> 5.30 GiB, time 12.5 -> 13.0 s (benchmarks/results/cpu.md).
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.sessions = {name: self._session(name, c) for name, c in manifest.components.items() if name not in lazy}
 
-    def _options(self):
+    def _options(self, name: str):
         opts = self._ort.SessionOptions()
         opts.intra_op_num_threads = self.threads  # one op at a time uses every core: no inter-op pool
         opts.inter_op_num_threads = 1
         opts.execution_mode = self._ort.ExecutionMode.ORT_SEQUENTIAL
-        # No memory pattern: it plans one block per input shape and keeps each, which doubled the VAE decoder's
-        # peak on its second call (SD 1.5, 512x512: 1.56 -> 2.63 GiB) and gained nothing measurable; the arena
-        # stays (without it the VAE decoder ran 35% slower). benchmarks/results/cpu_memory.md has the table.
-        opts.enable_mem_pattern = False
+        # Memory, measured on SD 1.5 (benchmarks/results/cpu.md). The UNet keeps the arena (without it a step ran
+        # 30% slower) and no memory pattern (it keeps a planned block per input shape: +0.8 GiB, no faster). The
+        # VAE runs once per image at full resolution: no arena, and a memory pattern, which plans one block per
+        # shape and frees it after the call (1024x1024 decode: peak 4.3 GiB against the arena's 5.7, as fast
+        # from the second call at a size on).
+        opts.enable_cpu_mem_arena = name not in NO_ARENA
+        opts.enable_mem_pattern = name in NO_ARENA
         opts.log_severity_level = 3
         return opts
 
@@ -138,7 +150,7 @@ class OrtBackend:
         budget = self.attention_budget
         budget = "" if budget is None else f"-attn{budget >> 20}m" if budget % 2**20 == 0 else f"-attn{budget}b"
         cache = model.with_name(f"{model.stem}.ort-{self._ort.__version__}-cpu{budget}.onnx")
-        opts = self._options()
+        opts = self._options(name)
         if cache.is_file() and cache.stat().st_mtime >= model.stat().st_mtime:
             # Already optimized: only the cheap basic passes, no second rewrite.
             opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -146,7 +158,7 @@ class OrtBackend:
                 return self._ort.InferenceSession(str(cache), opts, providers=[self.provider])
             except Exception:  # a stale or partial cache: rebuild it below
                 cache.unlink(missing_ok=True)
-                opts = self._options()
+                opts = self._options(name)
         opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         chunked = self._chunked(name, component, model)
         source = str(model) if chunked is None else chunked
@@ -174,7 +186,8 @@ class OrtBackend:
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         component = checked(self.manifest, name, feeds)
-        return self.session(name, component).run([t.name for t in component.outputs], feeds)
+        options = None if name in NO_ARENA else self.run_options  # ORT refuses to shrink an arena it lacks
+        return self.session(name, component).run([t.name for t in component.outputs], feeds, options)
 
     def session(self, name: str, component: Component):
         """The component's session, made now if it was left for its first call."""

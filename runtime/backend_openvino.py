@@ -8,11 +8,17 @@ at 512x512, batch 2 runs in 5.3 s at bf16 against 9.7 s in ONNX Runtime and 12.5
   with fp32 accumulation; "f32" is exact fp32; "auto" takes bf16 where the CPU has native bf16 (avx512_bf16 or
   AMX: OpenVINO reports "BF16" among its CPU capabilities) and f32 elsewhere, where bf16 would be emulated and
   slower than f32. The quality bf16 costs is measured in benchmarks/results/cpu_bf16_quality.json.
-- **Cache**: compiled models are kept in `<engine dir>/openvino-cache/<precision>/` (OpenVINO's CACHE_DIR), so a
-  second load imports a blob instead of compiling. One folder per precision because OpenVINO 2026.4's cache key
-  for a graph compiled from its file leaves the precision hint out: a bf16 load imported the f32 blob and
-  returned NaN (tests/test_openvino.py keeps that from coming back). `sdrt warmup` builds the cache ahead of
-  time. A read-only engine dir compiles every time.
+- **Cache**, in `<engine dir>/openvino-cache/` (`sdrt warmup` builds it ahead of time; a read-only engine dir
+  compiles from the ONNX graphs every time):
+  - bf16: each graph converted once into OpenVINO's IR with fp16 weights (`ir-f16-<version>/<component>.xml`,
+    half the size of the fp32 weights). OpenVINO maps an IR's weights rather than reading them and releases
+    them once compiled, so the process holds only the bf16 weights it computes with: SD 1.5 at 512x512 peaked
+    at 4.5 GiB where compiling the ONNX graph (or importing a compiled blob, which stores fp32 weights) peaked
+    at 7.3 GiB, at the same speed. A compiled blob is not kept: loading the IR takes 1.5 s against 1.0 s. The
+    weights are rounded to fp16 on the way (10-bit mantissa), then to bf16 (7-bit) by the CPU plugin anyway.
+  - f32: OpenVINO's compiled-model cache (CACHE_DIR) in `f32/`, so a second load imports a blob instead of
+    compiling. One folder per precision: OpenVINO 2026.4's cache key for a graph compiled from its file leaves
+    the precision hint out, and a bf16 load once imported an f32 blob and returned NaN (tests/test_openvino.py).
 - **Threads**: one stream using every core (a latency service: one generation at a time uses the whole CPU;
   several streams would split the cores between concurrent requests the server does not make).
 - **Static shapes** (`static`): a service that always draws one size can fix the UNet to it, which lets
@@ -23,6 +29,8 @@ at 512x512, batch 2 runs in 5.3 s at bf16 against 9.7 s in ONNX Runtime and 12.5
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,13 +119,35 @@ class OpenVinoBackend:
             if name not in lazy:
                 self._request(name)
 
+    def precision_of(self, name: str) -> str:
+        return "f32" if name in F32_ONLY else self.precision
+
     def config(self, name: str) -> dict:
-        precision = "f32" if name in F32_ONLY else self.precision
+        precision = self.precision_of(name)
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
                   "INFERENCE_NUM_THREADS": self.threads}
-        if self.cache_dir is not None:
+        if self.cache_dir is not None and precision == "f32":
             config["CACHE_DIR"] = str(self.cache_dir / precision)
         return config
+
+    def bf16_graph(self, name: str, model: Path) -> Path:
+        """The component as an OpenVINO IR with fp16 weights, written once into the cache (atomically: a private
+        folder renamed into place), or the ONNX graph itself where the cache cannot be written."""
+        if self.cache_dir is None:
+            return model
+        folder = self.cache_dir / f"ir-f16-{self._ov.__version__.split('-')[0]}"
+        ir = folder / f"{name}.xml"
+        if ir.is_file() and ir.stat().st_mtime >= model.stat().st_mtime:
+            return ir
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder))
+        try:
+            self._ov.save_model(self.core.read_model(str(model)), str(staging / ir.name), compress_to_fp16=True)
+            os.replace(staging / ir.with_suffix(".bin").name, ir.with_suffix(".bin"))
+            os.replace(staging / ir.name, ir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return ir
 
     def _request(self, name: str):
         request = self._requests.get(name)
@@ -135,11 +165,14 @@ class OpenVinoBackend:
         return request
 
     def _compile(self, name: str, component: Component, model: Path, config: dict):
+        if self.precision_of(name) == "bf16":
+            model = self.bf16_graph(name, model)
         if self.static is not None and name in STATIC_ROWS:
             graph = self.core.read_model(str(model))
             graph.reshape({t.name: self.static.shape(self.manifest, name, component, t) for t in component.inputs})
             return self.core.compile_model(graph, DEVICE, config)
-        # From the file: with a warm cache OpenVINO imports the blob without reading the graph at all.
+        # From the file: OpenVINO maps an IR's weights instead of reading them, and drops the mapping once the
+        # compiled model has its own packed copy; with a warm f32 cache it imports the blob instead.
         return self.core.compile_model(str(model), DEVICE, config)
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -11,8 +11,8 @@ from pathlib import Path
 from .backend import BACKENDS, resolve, unavailable
 from .manifest import Manifest, package_versions
 
-PACKAGES = ("sdrt", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu13", "tensorrt-cu12",
-            "cuda-bindings", "nvidia-ml-py", "torch", "diffusers", "transformers")
+PACKAGES = ("sdrt", "numpy", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "tensorrt-cu13",
+            "tensorrt-cu12", "cuda-bindings", "nvidia-ml-py", "torch", "diffusers", "transformers")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 

@@ -56,7 +56,7 @@ def test_f32_matches_onnx_runtime(engine, component):
 @needs_bf16
 def test_bf16_is_close_and_cached_apart_from_f32(engine):
     """f32 then bf16 on one cache: OpenVINO's cache key leaves the precision out, so a shared folder made the bf16
-    load import the f32 blob and return NaN. Each precision has its own folder."""
+    load import the f32 blob and return NaN. bf16 compiles from its own fp16-weight IR, f32 from its blobs."""
     manifest = Manifest.load(engine)
     feeds = _feeds(np.random.default_rng(1), "unet", manifest)
     (f32,) = make_backend("openvino", engine, manifest, cpu_precision="f32").run("unet", feeds)
@@ -66,9 +66,16 @@ def test_bf16_is_close_and_cached_apart_from_f32(engine):
     assert np.isfinite(bf16).all()
     error = np.abs(bf16 - f32).max() / np.ptp(f32)
     assert 0 < error <= BF16_RANGE_ERROR  # > 0: it really ran in bf16
-    assert sorted(p.name for p in (engine / CACHE_DIR).iterdir()) == ["bf16", "f32"]
+    import openvino
+
+    ir = engine / CACHE_DIR / f"ir-f16-{openvino.__version__.split('-')[0]}"
+    assert sorted(p.name for p in (engine / CACHE_DIR).iterdir()) == ["f32", ir.name]
+    assert sorted(p.name for p in ir.iterdir()) == sorted(f"{c}.{x}" for c in ("text_encoder", "unet", "vae_decoder")
+                                                          for x in ("bin", "xml"))  # no staging folder left
+    stamp = (ir / "unet.bin").stat().st_mtime_ns
     (again,) = make_backend("openvino", engine, manifest, cpu_precision="bf16").run("unet", feeds)
-    assert np.array_equal(again, bf16)  # the cached blob is the same compiled model
+    assert np.array_equal(again, bf16) and (ir / "unet.bin").stat().st_mtime_ns == stamp  # read, not rewritten
+    assert (ir / "unet.bin").stat().st_size < 0.6 * (engine / "unet" / "model.onnx").stat().st_size  # fp16
 
 
 def test_cache_is_used_and_a_broken_blob_is_rebuilt(engine):
@@ -131,3 +138,43 @@ def test_auto_picks_openvino_on_a_cpu_and_precision_is_checked(engine):
         make_backend("cpu", engine, manifest, cpu_precision="bf16")
     with pytest.raises(UserError, match="unknown CPU precision"):
         make_backend("openvino", engine, manifest, cpu_precision="fp8")
+
+
+def test_warmup_builds_both_caches_and_times_the_cold_start(engine, tmp_path):
+    import json
+    import shutil
+
+    from conftest import run_sdrt
+
+    fresh = tmp_path / "fresh"
+    shutil.copytree(engine, fresh, ignore=shutil.ignore_patterns(CACHE_DIR, "*.ort-*"))
+    out = tmp_path / "warm.json"
+    r = run_sdrt("warmup", str(fresh), "--backend", "cpu", "openvino", "--cpu-precision", "f32", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert [x["backend"] for x in report] == ["ort-cpu", "openvino-f32"]
+    for x in report:
+        for run in ("first_load", "cached_load"):
+            assert x[run]["load_s"] > 0 and x[run]["first_image_s"] > 0
+    assert sorted(p.name for p in (fresh / CACHE_DIR).iterdir()) == ["f32"]
+    assert len(list(fresh.glob("*/model.ort-*.onnx"))) == 3  # the VAE encoder waits for image-to-image
+    assert "cached load" in r.stderr
+
+
+def test_cli_refuses_bf16_on_onnx_runtime(engine, tmp_path):
+    from conftest import assert_one_line_error, run_sdrt
+
+    r = run_sdrt("generate", str(engine), "a red circle", "--backend", "cpu", "--cpu-precision", "bf16", "-o",
+                 str(tmp_path / "x.png"))
+    assert_one_line_error(r, "--cpu-precision bf16 needs the openvino backend")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_serve_config_takes_and_checks_the_cpu_precision(engine):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from sdrt.runtime.serve.config import on_cpu, serve_config
+
+    assert serve_config(engine, backend="openvino", cpu_precision="f32").cpu_precision == "f32"
+    assert on_cpu("openvino") and serve_config(engine, backend="openvino").max_batch == 1
+    with pytest.raises(UserError, match="--cpu-precision must be one of auto, f32, bf16"):
+        serve_config(engine, cpu_precision="fp8")
