@@ -1,11 +1,12 @@
 """`sdrt warmup`: build a CPU backend's load caches ahead of the first request, and time the cold start.
 
 The first load of an engine dir on a CPU backend does work a later load skips: ONNX Runtime optimizes each graph
-(and chunks its large attentions) and writes `*.ort-*.onnx` beside it; OpenVINO converts each graph into an IR
-with fp16 weights (bf16) or compiles it into a blob (f32), in `openvino-cache/`. A service that runs `sdrt warmup` at deploy time (or in
-its image build) makes the fast load the common case. For each backend this loads the engine dir once (building
-whatever cache is missing), draws one image, then loads it again from the caches and draws again: the report is
-the time from `Pipeline.load` to the first image with and without the caches.
+(and chunks its large attentions) and writes `*.ort-*.onnx` beside it; OpenVINO converts each graph into an
+IR with fp16 weights (bf16) or compiles it into a blob (f32), in `openvino-cache/`. A service that runs
+`sdrt warmup` at deploy time (or in its image build) makes the fast load the common case. For each backend this
+loads the engine dir once (building whatever cache is missing), draws one image, then loads it again from the
+caches and draws again: the report is the time from `Pipeline.load` to the first image with and without the
+caches.
 """
 
 from __future__ import annotations

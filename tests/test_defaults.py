@@ -72,7 +72,8 @@ def test_manifest_carries_defaults(engine_with_defaults, tiny_engine, tmp_path):
 def test_pipeline_uses_engine_defaults(engine_with_defaults, tiny_engine, monkeypatch):
     from sdrt.runtime import Pipeline
 
-    assert Pipeline.load(tiny_engine, "cpu").defaults == GenerationDefaults(7.5, 30, "pndm", 0.0)  # sdrt's + checkpoint's
+    # sdrt's + the checkpoint's
+    assert Pipeline.load(tiny_engine, "cpu").defaults == GenerationDefaults(7.5, 30, "pndm", 0.0)
     pipe = Pipeline.load(engine_with_defaults, "cpu")
     assert pipe.defaults == ENGINE_DEFAULTS.over(BUILTIN_DEFAULTS)
     batches = unet_batches(pipe, monkeypatch)

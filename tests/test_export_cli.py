@@ -185,7 +185,7 @@ def test_every_subcommand_flag_has_help():
 
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert set(sub.choices) == {"export", "inspect", "generate", "bench", "build", "doctor", "serve"}
+    assert set(sub.choices) == {"export", "inspect", "generate", "bench", "build", "doctor", "serve", "warmup"}
     for name, p in sub.choices.items():
         for action in p._actions:
             assert action.help, f"sdrt {name} {action.option_strings or action.dest} has no help"

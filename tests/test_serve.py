@@ -357,10 +357,10 @@ def test_the_worker_survives_a_cancelled_future_and_a_stop_during_decode(tiny_en
     decoding, release = threading.Event(), threading.Event()
     decode = pipe.decode
 
-    def slow_decode(latents):
+    def slow_decode(latents, *args):
         decoding.set()
         assert release.wait(30)
-        return decode(latents)
+        return decode(latents, *args)
 
     pipe.decode = slow_decode
     queue = JobQueue(pipe, Metrics(), max_queue=4, max_batch=1, timeout=60)

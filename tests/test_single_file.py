@@ -429,8 +429,8 @@ def test_bench_baseline_runs_the_single_file_through_diffusers(engines, tmp_path
     export read (the manifest's overrides repeated), and its images agree with sdrt's (bench's weight check)."""
     f, pipe = engines("ldm-sd1")
     out = tmp_path / "bench.json"
-    r = run_sdrt("bench", str(pipe.engine_dir), "--baseline", "diffusers", "--steps", "2", "--runs", "1",
-                 "--warmup", "0", "--json", str(out), timeout=600)
+    r = run_sdrt("bench", str(pipe.engine_dir), "--baseline", "diffusers", "--backend", "cpu", "--steps", "2",
+                 "--runs", "1", "--warmup", "0", "--json", str(out), timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert [x["name"] for x in report["results"]] == ["sdrt-ort-cpu", "diffusers-torch-fp32"]
